@@ -1,0 +1,1 @@
+"""Fused Triton kernels for pMoE, installed as `pmoe.kernels` (issue: fused Triton kernels)."""

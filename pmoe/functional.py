@@ -1,0 +1,215 @@
+"""pMoE as functions on tensors, for people who manage their own parameters.
+
+    y = pmoe_conv2d(x, router, weight, bias, patch_size=p, top_l=l)      # (B,C,H,W) -> (B,out,H/p,W/p)
+    y = pmoe(x, router, weight, bias, top_l=l)                           # (B,n,d)   -> (B,n,out)
+
+Every argument is checked here, before any kernel launch; the computation itself is
+`torch_backend` (vectorised PyTorch) or `pmoe.kernels` (fused Triton).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+
+from .activations import ACTIVATIONS
+from .routing import GATES, Routing, resolve_top_l
+from .torch_backend import patches_from_map, pmoe_patches_torch
+
+BACKENDS = ("auto", "torch", "triton")
+COMBINES = ("concat", "sum")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can be imported on this machine."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_options(combine: str, gate: str, activation: str, backend: str) -> None:
+    for name, value, allowed in (
+        ("combine", combine, COMBINES),
+        ("gate", gate, GATES),
+        ("activation", activation, tuple(ACTIVATIONS)),
+        ("backend", backend, BACKENDS),
+    ):
+        if not isinstance(value, str) or value not in allowed:
+            raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+
+
+def _check_tensors(x: torch.Tensor, router: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"input must be a real floating tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+    params = {"router": router, "weight": weight}
+    if bias is not None:
+        params["bias"] = bias
+    autocast = torch.is_autocast_enabled(x.device.type) if hasattr(torch, "is_autocast_enabled") else False
+    for name, t in params.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"input is on {x.device} but {name} is on {t.device}; move them to one device")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a real floating tensor, got {t.dtype}")
+        if t.dtype != x.dtype and not autocast:
+            raise TypeError(
+                f"input dtype {x.dtype} does not match {name} dtype {t.dtype}; cast one of them "
+                f"or run under torch.autocast"
+            )
+
+
+def _choose_backend(backend: str, x: torch.Tensor) -> str:
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        usable = x.is_cuda and x.dtype in _KERNEL_DTYPES and triton_available()
+        return "triton" if usable else "torch"
+    # explicit triton
+    if not triton_available():
+        raise ValueError("backend='triton' needs the triton package; install it or use backend='torch'")
+    if not (x.is_cuda or (_interpreting() and x.device.type == "cpu")):
+        raise ValueError(
+            f"backend='triton' needs a CUDA tensor (got one on {x.device}); on a CPU set "
+            f"TRITON_INTERPRET=1 before importing triton to run the kernels in Triton's interpreter"
+        )
+    if x.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"backend='triton' supports float32, bfloat16 and float16, got {x.dtype}")
+    return "triton"
+
+
+def _check_shapes(d: int, router: torch.Tensor, weight2d_shape: tuple, bias: Optional[torch.Tensor], combine: str) -> tuple[int, int]:
+    if router.dim() != 2 or router.shape[1] != d:
+        raise ValueError(f"router must have shape (num_experts, {d}), got {tuple(router.shape)}")
+    k = router.shape[0]
+    if k < 1:
+        raise ValueError("need at least one expert")
+    if weight2d_shape[0] != k:
+        raise ValueError(f"weight has {weight2d_shape[0]} experts but router has {k}")
+    m = weight2d_shape[1]
+    if bias is not None and tuple(bias.shape) != (k, m):
+        raise ValueError(f"bias must have shape ({k}, {m}), got {tuple(bias.shape)}")
+    return k, m
+
+
+def _run(
+    x_map: Optional[torch.Tensor],
+    xp: Optional[torch.Tensor],
+    p: int,
+    router: torch.Tensor,
+    weight2d: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    l: int,
+    combine: str,
+    gate: str,
+    activation: str,
+    backend: str,
+    deterministic: bool,
+) -> tuple[torch.Tensor, Routing]:
+    """Dispatch.  Exactly one of x_map (B,C,H,W) / xp (B,n,d) is given; returns (B, n, out)."""
+    src = x_map if x_map is not None else xp
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
+    if backend == "triton" and src.shape[0] > 0:
+        from pmoe.kernels import pmoe_fused
+
+        if x_map is None:  # a token is a 1x1 patch of a (B, d, 1, n) map: no copy, just strides
+            x_map = xp.transpose(1, 2).unsqueeze(2)
+        return pmoe_fused(x_map, p, router, weight2d, bias, l, combine, gate, activation, deterministic)
+    if xp is None:
+        xp = patches_from_map(x_map, p)
+    return pmoe_patches_torch(xp, router, weight2d, bias, l, combine, gate, activation, deterministic)
+
+
+def pmoe_conv2d(
+    x: torch.Tensor,
+    router: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    patch_size: int,
+    top_l: Union[int, float],
+    combine: str = "concat",
+    gate: str = "softmax",
+    activation: str = "relu",
+    backend: str = "auto",
+    deterministic: bool = False,
+    return_routing: bool = False,
+):
+    """Patch-level routed MoE on a feature map (SPEC §1).
+
+    x: (B, C, H, W); router: (k, C*p*p) in unfold order; weight: (k, m, C, p, p); bias: (k, m).
+    Returns y: (B, k*m, H/p, W/p) for "concat", (B, m, H/p, W/p) for "sum" (a channels-last
+    view: the kernels write each patch's channels contiguously), and, with return_routing, the
+    Routing (indices (B, k, l) int64, gates (B, k, l)).
+    """
+    check_options(combine, gate, activation, backend)
+    _check_tensors(x, router, weight, bias)
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    if x.dim() != 4:
+        raise ValueError(f"input must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 5 or weight.shape[3] != patch_size or weight.shape[4] != patch_size:
+        raise ValueError(f"weight must have shape (k, m, C, {patch_size}, {patch_size}), got {tuple(weight.shape)}")
+    B, C, H, W = x.shape
+    p = patch_size
+    if C != weight.shape[2]:
+        raise ValueError(f"input has {C} channels but the layer expects {weight.shape[2]}")
+    if H % p or W % p:
+        raise ValueError(f"H={H} and W={W} must be divisible by patch_size={p}")
+    if H == 0 or W == 0:
+        raise ValueError(f"input has an empty spatial size {H}x{W}")
+    n, d = (H // p) * (W // p), C * p * p
+    k, m = _check_shapes(d, router, weight.shape[:2], bias, combine)
+    l = resolve_top_l(top_l, n)
+    which = _choose_backend(backend, x)
+    y, routing = _run(x, None, p, router, weight.reshape(k, m, d), bias, l, combine, gate, activation, which, deterministic)
+    y = y.view(B, H // p, W // p, y.shape[-1]).permute(0, 3, 1, 2)
+    return (y, routing) if return_routing else y
+
+
+def pmoe(
+    x: torch.Tensor,
+    router: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    top_l: Union[int, float],
+    combine: str = "concat",
+    gate: str = "softmax",
+    activation: str = "relu",
+    backend: str = "auto",
+    deterministic: bool = False,
+    return_routing: bool = False,
+):
+    """Patch-level routed MoE on a patch/token tensor (SPEC §1, the (B, n, d) form).
+
+    x: (B, n, d); router: (k, d); weight: (k, m, d); bias: (k, m).
+    Returns y: (B, n, k*m) for "concat", (B, n, m) for "sum", and optionally the Routing.
+    """
+    check_options(combine, gate, activation, backend)
+    _check_tensors(x, router, weight, bias)
+    if x.dim() != 3:
+        raise ValueError(f"input must be 3-D (B, n, d), got shape {tuple(x.shape)}")
+    if weight.dim() != 3:
+        raise ValueError(f"weight must have shape (k, m, d), got {tuple(weight.shape)}")
+    B, n, d = x.shape
+    if d != weight.shape[2]:
+        raise ValueError(f"input has {d} features but the layer expects {weight.shape[2]}")
+    if n == 0:
+        raise ValueError("input has no patches (n = 0)")
+    k, m = _check_shapes(d, router, weight.shape[:2], bias, combine)
+    l = resolve_top_l(top_l, n)
+    which = _choose_backend(backend, x)
+    y, routing = _run(None, x, 1, router, weight, bias, l, combine, gate, activation, which, deterministic)
+    return (y, routing) if return_routing else y
