@@ -15,7 +15,7 @@ import torch
 
 from .activations import ACTIVATIONS
 from .routing import GATES, Routing, resolve_top_l
-from .torch_backend import patches_from_map, pmoe_patches_torch
+from .torch_backend import autocast_dtype, patches_from_map, pmoe_patches_torch
 
 BACKENDS = ("auto", "torch", "triton")
 COMBINES = ("concat", "sum")
@@ -48,6 +48,8 @@ def check_options(combine: str, gate: str, activation: str, backend: str) -> Non
 
 
 def _check_tensors(x: torch.Tensor, router: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """Types, devices and dtypes.  Mixed float dtypes are allowed only under autocast, and then
+    only among the autocast-eligible ones (float64 never mixes: autocast does not cast it)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -55,7 +57,7 @@ def _check_tensors(x: torch.Tensor, router: torch.Tensor, weight: torch.Tensor, 
     params = {"router": router, "weight": weight}
     if bias is not None:
         params["bias"] = bias
-    autocast = torch.is_autocast_enabled(x.device.type) if hasattr(torch, "is_autocast_enabled") else False
+    autocast = autocast_dtype(x.device.type) is not None
     for name, t in params.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -63,10 +65,10 @@ def _check_tensors(x: torch.Tensor, router: torch.Tensor, weight: torch.Tensor, 
             raise ValueError(f"input is on {x.device} but {name} is on {t.device}; move them to one device")
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be a real floating tensor, got {t.dtype}")
-        if t.dtype != x.dtype and not autocast:
+        if t.dtype != x.dtype and not (autocast and torch.float64 not in (t.dtype, x.dtype)):
             raise TypeError(
                 f"input dtype {x.dtype} does not match {name} dtype {t.dtype}; cast one of them "
-                f"or run under torch.autocast"
+                f"or run under torch.autocast (float16/bfloat16/float32 only)"
             )
 
 
@@ -98,6 +100,8 @@ def _check_shapes(d: int, router: torch.Tensor, weight2d_shape: tuple, bias: Opt
     if weight2d_shape[0] != k:
         raise ValueError(f"weight has {weight2d_shape[0]} experts but router has {k}")
     m = weight2d_shape[1]
+    if m < 1:
+        raise ValueError(f"weight has {m} output channels per expert; need at least 1")
     if bias is not None and tuple(bias.shape) != (k, m):
         raise ValueError(f"bias must have shape ({k}, {m}), got {tuple(bias.shape)}")
     return k, m
@@ -123,6 +127,15 @@ def _run(
     if backend == "triton" and src.shape[0] > 0:
         from pmoe.kernels import pmoe_fused
 
+        ac = autocast_dtype(src.device.type)
+        if ac is not None:
+            # autocast does not reach inside the kernels: cast here so that they always see one
+            # floating dtype (the invariant _check_tensors enforces outside autocast).  .to() is
+            # differentiable, so gradients still reach fp32 parameters.
+            x_map = x_map.to(ac) if x_map is not None else None
+            xp = xp.to(ac) if xp is not None else None
+            router, weight2d = router.to(ac), weight2d.to(ac)
+            bias = bias.to(ac) if bias is not None else None
         if x_map is None:  # a token is a 1x1 patch of a (B, d, 1, n) map: no copy, just strides
             x_map = xp.transpose(1, 2).unsqueeze(2)
         return pmoe_fused(x_map, p, router, weight2d, bias, l, combine, gate, activation, deterministic)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import functional as PF
+from .routing import check_top_l
 
 ROUTER_INIT_STD = 1e-3  # the paper starts routers tiny, so early routing is near-uniform
 
@@ -28,12 +29,7 @@ class _PMoEBase(nn.Module):
                 f"combine='concat' splits the {out_features} outputs evenly over {num_experts} "
                 f"experts: out_features must be divisible by num_experts"
             )
-        if isinstance(top_l, bool) or not isinstance(top_l, (int, float)):
-            raise TypeError(f"top_l must be an int count or a float fraction, got {type(top_l).__name__}")
-        if isinstance(top_l, int) and top_l < 1:
-            raise ValueError(f"top_l must be >= 1, got {top_l}")
-        if isinstance(top_l, float) and not 0.0 < top_l <= 1.0:
-            raise ValueError(f"top_l as a fraction must lie in (0, 1], got {top_l}")
+        top_l = check_top_l(top_l)  # n is unknown until forward, which checks top_l <= n
         self.num_experts, self.top_l = num_experts, top_l
         self.combine, self.gate, self.activation = combine, gate, activation
         self.backend, self.deterministic = backend, deterministic

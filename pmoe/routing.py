@@ -6,6 +6,7 @@ them on-chip and are tested against them.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -14,18 +15,30 @@ import torch
 GATES = ("softmax", "indicator", "softmax_all")
 
 
+def check_top_l(top_l: Union[int, float]) -> Union[int, float]:
+    """Validate top_l without knowing n: an int count >= 1 or a float fraction in (0, 1].
+    Numpy/other integral and real scalars are accepted and returned as int/float."""
+    if isinstance(top_l, bool) or not isinstance(top_l, numbers.Real):
+        raise TypeError(f"top_l must be an int count or a float fraction, got {type(top_l).__name__}")
+    if isinstance(top_l, numbers.Integral):
+        if top_l < 1:
+            raise ValueError(f"top_l must be >= 1, got {top_l}")
+        return int(top_l)
+    top_l = float(top_l)
+    if not 0.0 < top_l <= 1.0:  # also rejects NaN
+        raise ValueError(f"top_l as a fraction must lie in (0, 1], got {top_l}")
+    return top_l
+
+
 def resolve_top_l(top_l: Union[int, float], n: int) -> int:
     """Number of patches each expert takes: an int count in [1, n], or a fraction of n in (0, 1]
     (rounded half up, at least 1)."""
-    if isinstance(top_l, bool) or not isinstance(top_l, (int, float)):
-        raise TypeError(f"top_l must be an int count or a float fraction, got {type(top_l).__name__}")
+    top_l = check_top_l(top_l)
     if isinstance(top_l, float):
-        if not (0.0 < top_l <= 1.0) or math.isnan(top_l):
-            raise ValueError(f"top_l as a fraction must lie in (0, 1], got {top_l}")
         return max(1, min(n, int(math.floor(top_l * n + 0.5))))
-    if not 1 <= top_l <= n:
+    if top_l > n:
         raise ValueError(f"top_l must satisfy 1 <= top_l <= n = {n} (number of patches), got {top_l}")
-    return int(top_l)
+    return top_l
 
 
 @torch.no_grad()
@@ -79,40 +92,73 @@ class Routing:
 
     @torch.no_grad()
     def position_counts(self) -> torch.Tensor:
-        """(n,) how many (image, expert) choices landed on each patch position."""
+        """(n,) int64: how many (image, expert) choices landed on each patch position, summed over
+        the batch.  A position that draws far more than the mean ``B*k*l/n`` is a routing hot spot."""
         counts = torch.zeros(self.num_patches, dtype=torch.int64, device=self.indices.device)
-        return counts.index_add_(0, self.indices.reshape(-1), torch.ones_like(self.indices.reshape(-1)))
+        flat = self.indices.reshape(-1)
+        return counts.index_add_(0, flat, torch.ones_like(flat))
+
+    @torch.no_grad()
+    def patch_load(self) -> torch.Tensor:
+        """(B, n) int64: how many experts took patch j of image b, in [0, k].
+
+        With expert choice this, not the expert load, is what varies: a patch can be taken by
+        several experts or by none."""
+        B = self.indices.shape[0]
+        load = torch.zeros(B, self.num_patches, dtype=torch.int64, device=self.indices.device)
+        # reshape(B, k*l), not (B, -1): -1 is ambiguous for an empty batch
+        flat = self.indices.reshape(B, self.num_experts * self.top_l)
+        return load.scatter_add_(1, flat, torch.ones_like(flat))
+
+    @torch.no_grad()
+    def expert_load(self) -> torch.Tensor:
+        """(k,) int64: number of patches each expert processed over the batch.
+
+        With expert choice every expert takes exactly l patches from every image, so this is
+        always ``B*l`` for every expert: the layer needs no load-balancing loss and no capacity
+        factor, and drops no tokens for capacity reasons.  Kept so that logging code written for
+        token-choice MoE finds the usual number."""
+        B, k, l = self.indices.shape
+        return torch.full((k,), B * l, dtype=torch.int64, device=self.indices.device)
 
     @torch.no_grad()
     def coverage(self) -> torch.Tensor:
         """(B, n) bool: whether any expert took patch j of image b."""
-        B = self.indices.shape[0]
-        taken = torch.zeros(B, self.num_patches, dtype=torch.bool, device=self.indices.device)
-        return taken.scatter_(1, self.indices.reshape(B, -1), True)
+        return self.patch_load() > 0
 
     @torch.no_grad()
     def unrouted_fraction(self) -> float:
-        """Fraction of patches that no expert chose (0 for an empty batch)."""
+        """Fraction of the B*n patches that no expert chose (0 for an empty batch)."""
         cov = self.coverage()
-        return 0.0 if cov.numel() == 0 else 1.0 - cov.float().mean().item()
+        return 0.0 if cov.numel() == 0 else 1.0 - cov.double().mean().item()
 
     @torch.no_grad()
     def gate_entropy(self) -> float:
-        """Mean entropy (nats) of each expert's gate distribution over its l patches, normalised
-        to sum 1 first; log(l) means uniform gates, 0 means one patch carries all the weight."""
-        g = self.gates.float()
+        """Mean over (image, expert) of the entropy (nats) of the expert's gates over its l patches,
+        each renormalised to sum 1 first (so "softmax_all" gates are comparable); log(l) means
+        uniform gates (always so for "indicator"), 0 means one patch carries all the weight.
+        0 for an empty batch; NaN if a gate is NaN (a NaN input: see docs/ROBUSTNESS.md)."""
+        g = self.gates.double()
         if g.numel() == 0:
             return 0.0
-        p = g / g.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        return float(-(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean())
+        p = g / g.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        # 0 * log(0) = 0: xlogy gives exactly that, a clamp inside the log would not for p = 0
+        return float(-torch.special.xlogy(p, p).sum(-1).mean())
 
     def stats(self) -> dict:
-        """A small dict for logging: per-expert load is l by construction (expert choice), so the
-        health signals are coverage, position imbalance and gate entropy."""
-        counts = self.position_counts().float()
+        """A small dict of floats for logging.
+
+        unrouted_fraction: patches no expert took; position_max_over_mean: the busiest patch
+        position's count over the mean count (1 = positions used evenly, 0 for an empty batch);
+        max_experts_per_patch_mean: over images, the most experts any one patch drew (1..k);
+        gate_entropy and its uniform value log(l).  Per-expert load is not reported: it is B*l
+        for every expert by construction (see expert_load)."""
+        counts = self.position_counts().double()
+        load = self.patch_load()
         return {
             "unrouted_fraction": self.unrouted_fraction(),
             "position_max_over_mean": float(counts.max() / counts.mean()) if counts.sum() > 0 else 0.0,
+            "max_experts_per_patch_mean": float(load.max(1).values.double().mean()) if load.shape[0] else 0.0,
             "gate_entropy": self.gate_entropy(),
             "gate_entropy_uniform": math.log(self.top_l) if self.top_l > 0 else 0.0,
         }
