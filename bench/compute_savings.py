@@ -6,9 +6,9 @@ approach), for each benchmark layer shape and for whole networks.
     python bench/compute_savings.py --only flagship-digits --repeats 1
 
 FLOPs: torch.utils.flop_counter.FlopCounterMode around the real forward (inference, no_grad)
-and forward + backward (training).  The torch path's matmul/bmm and the convs are counted by
-torch itself; the fused Triton op reports through the formula registered with its custom op.
-There is no FLOP formula in this script.
+and forward + backward (training), by pmoe.experiments.flops (shared with `pmoe equal-compute`).
+The torch path's matmul/bmm and the convs are counted by torch itself; the fused Triton op
+reports through the formula registered with its custom op.  There is no FLOP formula in this script.
 Saved bytes: every tensor autograd saves for backward in one training forward, caught with
 torch.autograd.graph.saved_tensors_hooks and counted once per storage (a tensor saved twice, or
 two views of one buffer, count once).  Parameters are left out: they are kept whether or not
@@ -32,7 +32,6 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 # bench/ holds profile.py, which would shadow the stdlib `profile` (cProfile imports it, and
 # torch._dynamo imports cProfile): keep bench/ importable, but after the standard library.
@@ -42,15 +41,10 @@ from baselines import make_layer, randomize_router, to_masking, triton_usable  #
 from machine import machine_line  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
+from pmoe.experiments.flops import count_flops, step_functions  # noqa: E402
 from pmoe.models.flagship import flagship_pair  # noqa: E402
 
 METRICS = ("infer_flops", "train_flops", "infer_s", "train_s", "saved_bytes")
-
-
-def count_flops(fn: Callable[[], None]) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def saved_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
@@ -102,25 +96,11 @@ def measure(model: nn.Module, x: torch.Tensor, loss_fn: Callable, repeats: int, 
     input_grad: whether x needs a gradient (a layer inside a network) or not (a network's input)."""
     device = x.device
     params = list(model.parameters())
-    xg = x.detach().requires_grad_(input_grad)
-
-    def infer():
-        model.eval()
-        with torch.no_grad():
-            model(x)
-
-    def forward_train():
-        model.train()
-        return loss_fn(model(xg))
-
-    def train():
-        model.zero_grad(set_to_none=True)
-        forward_train().backward()
-
-    row = {"infer_flops": count_flops(infer), "train_flops": count_flops(train)}
-    row["infer_s"] = wall_time(infer, device, repeats)
-    row["train_s"] = wall_time(train, device, repeats)
-    row["saved_bytes"] = saved_bytes(forward_train, exclude=params)
+    steps = step_functions(model, x, loss_fn, input_grad)
+    row = {"infer_flops": count_flops(steps.infer), "train_flops": count_flops(steps.train)}
+    row["infer_s"] = wall_time(steps.infer, device, repeats)
+    row["train_s"] = wall_time(steps.train, device, repeats)
+    row["saved_bytes"] = saved_bytes(steps.forward_train, exclude=params)
     model.zero_grad(set_to_none=True)
     return row
 

@@ -22,6 +22,14 @@ from typing import Callable, Optional, Sequence
 # subcommands from pmoe/experiments/ here, one line each.
 COMMANDS: list[tuple[str, str, str, str]] = [
     ("train", "train one model on one dataset", "pmoe.cli:add_train_arguments", "pmoe.cli:run_train"),
+    ("sample-complexity", "test accuracy vs training-set size: CNN, pMoE joint, pMoE separate",
+     "pmoe.experiments.sample_complexity:add_arguments", "pmoe.experiments.sample_complexity:run"),
+    ("show-routing", "draw the patches each expert of a trained pMoE picks, with their gates",
+     "pmoe.experiments.show_routing:add_arguments", "pmoe.experiments.show_routing:run"),
+    ("spurious", "a marker tile correlated with one class in training only: CNN vs pMoE test accuracy",
+     "pmoe.experiments.spurious:add_arguments", "pmoe.experiments.spurious:run"),
+    ("equal-compute", "flagship pMoE vs its dense twin: test accuracy next to counted FLOPs",
+     "pmoe.experiments.equal_compute:add_arguments", "pmoe.experiments.equal_compute:run"),
 ]
 
 DATA_CHOICES = ("digits-patch", "synthetic", "mnist-patch", "cifar10", "cifar10-patch")
