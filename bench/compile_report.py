@@ -71,6 +71,7 @@ def compile_one(spec, variant, config, dtype: str, arch: int) -> dict:
         raise KeyError(f"{spec.name}: no value for constexprs {missing}")
     # pointers 16-byte aligned, as torch allocations are (what the launcher would specialise on)
     attrs = {(i,): [["tt.divisibility", 16]] for i, (k, v) in enumerate(sig.items()) if v.startswith("*")}
+    attrs.update(spec.int_attrs(sig, ptr_over))  # ints the variant declares multiples of 16 (registry)
     src = ASTSource(spec.fn, sig, consts, attrs)
     t0 = time.time()
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),

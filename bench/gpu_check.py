@@ -27,6 +27,13 @@ Roofline floor = max(bytes / 3.0 TB/s, FLOPs / 790 TFLOP/s) with bytes = input r
 written once + weights read once (forward); forward+backward adds dy read, x and weights read
 again, dx and dW written.  The 790 TFLOP/s is the bf16 dense peak; it is used for every dtype,
 so fp32 rows read low on purpose.
+
+Pooled epilogue (the paper's classifier reads the layer summed over patches): checked like the
+layer (variants "pooled", against the float64 torch layer's map summed over patches), and timed
+against the unpooled layer followed by .sum((2, 3)) on the same backend at every shape, with the
+bytes it does not move: the (B, out, H/p, W/p) map written by the layer and read back by the sum,
+2·B·n·out·elt, less the (B, out) result it writes instead.  (Backward moves the same bytes in
+both: the sum's gradient reaches the kernels as a stride-0 view either way.)
 """
 from __future__ import annotations
 
@@ -70,6 +77,8 @@ VARIANTS = (  # the kernel paths besides the default (concat, softmax, no bias, 
     {"deterministic": True},
     {"combine": "sum", "deterministic": True},
 )
+POOLED_VARIANTS = ({"pooled": True}, {"pooled": True, "combine": "sum"}, {"pooled": True, "deterministic": True},
+                   {"pooled": True, "combine": "sum", "deterministic": True})
 PASSES = ("forward", "forward+backward")
 
 
@@ -111,11 +120,24 @@ def _selection(indices: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(B, k, n, device=indices.device).scatter(2, indices, 1.0)
 
 
+@torch.no_grad()
+def near_ties(x64: torch.Tensor, router64: torch.Tensor, shape: LayerShape) -> torch.Tensor:
+    """(B, k) bool: rows whose l-th and (l+1)-th float64 scores are within TIE_REL (relative)."""
+    scores = (patches_from_map(x64, shape.patch_size) @ router64.t()).transpose(1, 2)  # (B, k, n)
+    l, n = shape.top_l, shape.num_patches
+    if l == n:
+        return torch.zeros(scores.shape[:2], dtype=torch.bool, device=scores.device)
+    ranked = scores.sort(-1, descending=True).values
+    return ranked[..., l - 1] - ranked[..., l] <= TIE_REL * ranked.abs().amax(-1)
+
+
 def check_layer(shape: LayerShape, batch: int, dtype: torch.dtype, device: torch.device, backend: str,
                 options: dict, seed: int) -> dict:
     torch.manual_seed(seed)
     opts = {"combine": shape.combine, "gate": "softmax", "bias": False, "activation": "relu", **options}
     deterministic = opts.pop("deterministic", False)
+    if opts.pop("pooled", False):
+        return check_pooled(shape, batch, dtype, device, backend, opts, deterministic)
     out = shape.out_channels if opts["combine"] == "concat" else shape.expert_features
     layer = pmoe.PMoEConv2d(shape.in_channels, out, shape.patch_size, shape.num_experts, shape.top_l,
                             backend=backend, deterministic=deterministic, **opts)
@@ -142,14 +164,7 @@ def check_layer(shape: LayerShape, batch: int, dtype: torch.dtype, device: torch
            "repeat_same_indices": bool(torch.equal(routing.indices, routing_again.indices))}
 
     # selection agreement and near-ties (reference scores in float64)
-    with torch.no_grad():
-        scores = (patches_from_map(x64, shape.patch_size) @ ref.router.t()).transpose(1, 2)  # (B, k, n)
-        ranked = scores.sort(-1, descending=True).values
-        if l < n:
-            gap = ranked[..., l - 1] - ranked[..., l]
-            near_tie = gap <= TIE_REL * ranked.abs().amax(-1)
-        else:
-            near_tie = torch.zeros(batch, k, dtype=torch.bool, device=device)
+    near_tie = near_ties(x64, ref.router, shape)
     sel, sel_ref = _selection(routing.indices, n), _selection(routing_ref.indices, n)
     row_agree = (sel == sel_ref).all(-1)  # (B, k)
     row["index_agreement"] = ((sel * sel_ref).sum() / (batch * k * l)).item()
@@ -188,6 +203,56 @@ def check_layer(shape: LayerShape, batch: int, dtype: torch.dtype, device: torch
     errs = [v for key, v in row.items() if key.endswith("_err") and v is not None]
     row["ok"] = (row["finite"] and row["unselected_max_abs"] == 0 and row["rows_differ_not_near_tie"] == 0
                  and row["repeat_same_indices"] and all(e <= tol for e in errs))
+    row["tolerance"] = tol
+    return row
+
+
+def check_pooled(shape: LayerShape, batch: int, dtype: torch.dtype, device: torch.device, backend: str,
+                 opts: dict, deterministic: bool) -> dict:
+    """forward_pooled against the float64 torch layer's map summed over patches: selection,
+    output, gradients (when every selection agrees), a repeat (bit-identical when deterministic)."""
+    out = shape.out_channels if opts["combine"] == "concat" else shape.expert_features
+    layer = pmoe.PMoEConv2d(shape.in_channels, out, shape.patch_size, shape.num_experts, shape.top_l,
+                            backend=backend, deterministic=deterministic, **opts)
+    randomize_router(layer)
+    layer = layer.to(device=device, dtype=dtype)
+    ref = copy.deepcopy(layer).double()
+    ref.backend = "torch"
+    x = torch.randn(shape.input_shape(batch), device=device, dtype=dtype)
+    x64 = x.detach().double().requires_grad_(True)
+    x = x.requires_grad_(True)
+
+    poison_allocator(device, 2 * batch * out * x.element_size())
+    y, routing = layer.forward_pooled(x, return_routing=True)
+    with torch.no_grad():
+        y_again = layer.forward_pooled(x)
+    y_map, routing_ref = ref(x64, return_routing=True)
+    y_ref = y_map.sum((2, 3))
+    k, l = shape.num_experts, shape.top_l
+    sel, sel_ref = _selection(routing.indices, shape.num_patches), _selection(routing_ref.indices, shape.num_patches)
+    row_agree = (sel == sel_ref).all(-1)  # (B, k)
+    near_tie = near_ties(x64, ref.router, shape)
+    row = {"finite": bool(torch.isfinite(y).all().item()),
+           "repeat_max_diff": (y.detach().double() - y_again.double()).abs().max().item(),
+           "index_agreement": ((sel * sel_ref).sum() / (batch * k * l)).item(),
+           "rows_differ": int((~row_agree).sum().item()), "near_tie_rows": int(near_tie.sum().item()),
+           "rows_differ_not_near_tie": int((~row_agree & ~near_tie).sum().item())}
+    keep = row_agree.all(1)  # an image whose every expert chose alike
+    row["y_err"] = normwise_err(y.detach()[keep], y_ref.detach()[keep]) if keep.any() else None
+    if row["rows_differ"] == 0:
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        y_ref.backward(dy.double())
+        row["dx_err"] = normwise_err(x.grad, x64.grad)
+        refs = dict(ref.named_parameters())
+        for name, p in layer.named_parameters():
+            row["d" + name + "_err"] = None if p.grad is None else normwise_err(p.grad, refs[name].grad)
+    else:
+        row["grads"] = f"not compared: selection differs in {row['rows_differ']} rows"
+    tol = TOLERANCE[dtype]
+    errs = [v for key, v in row.items() if key.endswith("_err") and v is not None]
+    row["ok"] = (row["finite"] and (row["repeat_max_diff"] == 0 or not deterministic)
+                 and row["rows_differ_not_near_tie"] == 0 and all(e <= tol for e in errs))
     row["tolerance"] = tol
     return row
 
@@ -251,9 +316,10 @@ def counted_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def floor_bytes(shape: LayerShape, batch: int, elt: int, pass_name: str) -> int:
+def floor_bytes(shape: LayerShape, batch: int, elt: int, pass_name: str, pooled: bool = False) -> int:
+    """pooled: the output (and its gradient) is (B, out), not the (B, out, H/p, W/p) map."""
     x = batch * shape.in_channels * shape.height * shape.width
-    y = batch * shape.out_channels * shape.num_patches
+    y = batch * shape.out_channels * (1 if pooled else shape.num_patches)
     w = shape.num_experts * shape.expert_features * shape.patch_dim + shape.num_experts * shape.patch_dim
     fwd = x + y + w
     return elt * (fwd if pass_name == "forward" else fwd + y + x + w + x + w)
@@ -307,6 +373,63 @@ def run_timing(shapes, dtypes, kinds, device, batch_of, budget: Budget, report) 
                     print(f"time {label}: {rows[-1]['error']}", flush=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+    return rows
+
+
+def time_pooled(shape: LayerShape, batch: int, backend: str, dtype: torch.dtype, device: torch.device) -> list:
+    """forward_pooled vs layer(x).sum((2, 3)) on one backend, forward and forward+backward."""
+    torch.manual_seed(0)
+    layer = make_layer(shape, backend, device, dtype)
+    randomize_router(layer)
+    x = torch.randn(shape.input_shape(batch), device=device, dtype=dtype)
+    dy = torch.randn(batch, shape.out_channels, device=device, dtype=dtype)
+    elt = x.element_size()
+    map_bytes = batch * shape.out_channels * shape.num_patches * elt
+    impls = {"pooled": layer.forward_pooled, "layer+sum": lambda t: layer(t).sum((2, 3))}
+    rows = []
+    for pass_name in PASSES:
+        ms = {}
+        for name, fn in impls.items():
+            if pass_name == "forward":
+                def run(fn=fn):
+                    with torch.no_grad():
+                        fn(x)
+            else:
+                def run(fn=fn):
+                    layer.zero_grad(set_to_none=True)
+                    x.grad = None
+                    fn(x.requires_grad_(True)).backward(dy)
+            ms[name] = bench_ms(run, device)
+            peak = peak_mb(run, layer, x, device)
+            ms[name + "_peak_mb"] = peak
+        nbytes = floor_bytes(shape, batch, elt, pass_name, pooled=True)
+        rows.append({"shape": shape.name, "batch": batch, "backend": backend, "dtype": dname(dtype),
+                     "pass": pass_name, "pooled_ms": ms["pooled"], "layer_sum_ms": ms["layer+sum"],
+                     "pooled/layer+sum": ms["pooled"] / ms["layer+sum"],
+                     "bytes_avoided": 2 * map_bytes - batch * shape.out_channels * elt,
+                     "pooled_floor_bytes": nbytes, "pooled_gbps": nbytes / (ms["pooled"] * 1e-3) / 1e9,
+                     "pooled_peak_mb": ms["pooled_peak_mb"], "layer_sum_peak_mb": ms["layer+sum_peak_mb"]})
+    return rows
+
+
+def run_pooled_timing(shapes, dtypes, backend, device, batch_of, budget: Budget, report) -> list:
+    rows = []
+    for shape in shapes:
+        for dtype in dtypes:
+            label = {"shape": shape.name, "batch": batch_of(shape), "backend": backend, "dtype": dname(dtype)}
+            if budget.left() < 0:
+                rows.append({**label, "error": "skipped: time budget spent"})
+                continue
+            try:
+                rows += time_pooled(shape, batch_of(shape), backend, dtype, device)
+                print(f"pooled {label}: " + ", ".join(f"{r['pass']} {r['pooled_ms']:.3f} vs {r['layer_sum_ms']:.3f} ms"
+                                                      for r in rows[-2:]), flush=True)
+            except Exception as exc:
+                rows.append({**label, "error": f"{type(exc).__name__}: {exc}"})
+                report(traceback.format_exc())
+                print(f"pooled {label}: {rows[-1]['error']}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -420,7 +543,7 @@ def markdown(doc: dict) -> str:
     parts = [f"# pMoE GPU check — {m['device']}, {m['date']}", "",
              f"torch {m['torch']}, triton {m['triton']}, CUDA {m['cuda']}, python {m['python']}; "
              f"mode: {doc['mode']}; kernels checked via backend={doc['checked_backend']!r}; "
-             f"TF32 matmul={doc['tf32_matmul']}, cudnn TF32={doc['tf32_cudnn']}; wall {doc['wall_s']:.0f} s", "",
+             f"fp32 matmul precision={doc['fp32_matmul_precision']}; wall {doc['wall_s']:.0f} s", "",
              "## Correctness (reference: torch backend in float64 on the same rounded values)", "",
              md_table(doc["correctness"], ["shape", "dtype", "variant", "batch", "ok", "index_agreement", "rows_differ",
                                            "near_tie_rows", "rows_differ_not_near_tie", "y_err", "dx_err",
@@ -432,6 +555,11 @@ def markdown(doc: dict) -> str:
              "## Ratios (time / time; < 1: the first is faster)", "",
              md_table(doc["ratios"], ["shape", "dtype", "pass", "triton/torch", "triton/dense", "torch/dense",
                                       "masking/dense"]), "",
+             "## Pooled epilogue: forward_pooled vs layer + .sum((2, 3)), same backend", "",
+             "bytes_avoided: the (B, out, H/p, W/p) map written and read back, less the (B, out) result.", "",
+             md_table(doc["pooled_timing"], ["shape", "batch", "backend", "dtype", "pass", "pooled_ms", "layer_sum_ms",
+                                             "pooled/layer+sum", "bytes_avoided", "pooled_gbps", "pooled_peak_mb",
+                                             "layer_sum_peak_mb", "error"]), "",
              "## Largest training batch (flagship, 3x32x32, fp32, bounded search)", "",
              md_table(doc["max_batch"], ["network", "dtype", "largest_fitting", "first_failing", "cap", "note", "error"])]
     if doc["tracebacks"]:
@@ -471,7 +599,7 @@ def main(argv=None) -> int:
 
     doc = {"machine": machine_info(device), "mode": "cpu-smoke" if args.cpu_smoke else "gpu",
            "checked_backend": checked_backend,
-           "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+           "fp32_matmul_precision": torch.get_float32_matmul_precision(),  # allow_tf32 raises once the new API is used
            "roofline": {"hbm_bytes_per_s": HBM_BYTES_PER_S, "peak_flops": PEAK_FLOPS},
            "tolerance": {dname(k): v for k, v in TOLERANCE.items()}, "tie_rel": TIE_REL}
     if not kernels:
@@ -484,6 +612,12 @@ def main(argv=None) -> int:
     variant_shape = next((s for s in shapes if s.name.startswith(WRN.name)), shapes[0])
     doc["correctness"] += run_checks([(variant_shape, d, v) for d in dtypes for v in VARIANTS], device,
                                      checked_backend, batch_of, budget, tracebacks.append)
+    # cpu-smoke: the atomic concat and deterministic sum kernels cover both pooled kernels' code
+    pooled_variants = POOLED_VARIANTS[::3] if args.cpu_smoke else POOLED_VARIANTS
+    doc["correctness"] += run_checks([(variant_shape, d, v) for d in dtypes for v in pooled_variants], device,
+                                     checked_backend, batch_of, budget, tracebacks.append)
+    doc["pooled_timing"] = [] if args.skip_timing else run_pooled_timing(shapes, dtypes, checked_backend, device,
+                                                                        batch_of, budget, tracebacks.append)
     doc["ratios"] = ratio_rows(doc["timing"])
     if args.skip_max_batch:
         doc["max_batch"] = []

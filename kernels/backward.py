@@ -1,7 +1,9 @@
 """Expert backward, three launches over the B*l gathered rows of each expert (grouped GEMMs):
 
   1. `_dpre_kernel`  recompute pre = W_s x_j + b_s (never stored by the forward), then
-                     dG_j = <dY_j, act(pre_j)>  and  dPre_j = G_j dY_j act'(pre_j)  -> (k, B*l, m)
+                     dG_j = <dY_j, act(pre_j)>  and  dPre_j = G_j dY_j act'(pre_j)  -> (k, B*l, m);
+                     dY is read through strides, so the pooled layer's (B, out) gradient serves
+                     as dY_j = dP_b for every patch (stride 0 over patches).
   2. `_dx_kernel`    dX_j += dPre_j W_s + dS_j router_s, scattered straight into the fp32 (B,C,H,W)
                      gradient (implicit-GEMM scatter).  Several experts may take one patch: fp32
                      atomics, or in deterministic mode one program per (image, d block) adding the
@@ -41,10 +43,12 @@ DW_CONFIGS = [
 @triton.autotune(configs=pick_configs(DPRE_CONFIGS), key=["l", "m", "d"], prune_configs_by=PRUNE)
 @triton.jit
 def _dpre_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, dy_ptr, dpre_ptr, dg_ptr, B, n, k, l, m, d, Wp, p,
-                 sxb, sxc, sxh, sxw, swk, swm, swd, sbk, sbm, out_cols,
+                 sxb, sxc, sxh, sxw, swk, swm, swd, sbk, sbm, sdyb, sdyn,
                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, COMBINE: tl.constexpr, PREC: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dy: (B, n, out_cols) contiguous; dpre: (k, B*l, m) in x's dtype; dg: (B, k, l) fp32.
+    """dy: (B, n, out) with strides (sdyb, sdyn, 1): sdyn = 0 is the pooled layer's gradient, one
+    (B, out) row per image broadcast to all its patches (never materialised); dpre: (k, B*l, m)
+    in x's dtype; dg: (B, k, l) fp32.
     One program owns BLOCK_R rows of expert s and loops over all of m, so dG (a sum over m)
     needs no atomics.  Grid: (cdiv(B*l, BLOCK_R), k)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -60,7 +64,7 @@ def _dpre_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, dy_ptr, dpre_ptr, dg_p
         col0 = s * m
     else:
         col0 = 0
-    dy_row = (b * n + j) * out_cols + col0
+    dy_row = b * sdyb + j * sdyn + col0
     dpre_row = (s * B * l + r).to(tl.int64) * m  # row numbers k*B*l < 2^31; offsets int64
     dg = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for m0 in range(0, m, BLOCK_M):

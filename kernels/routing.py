@@ -4,13 +4,22 @@ Forward is two launches instead of one per-image program: `_scores_kernel` tiles
 block, expert block) so that even B = 1 fills the GPU, and reads the input exactly once (all k
 experts share each gathered x tile); `_select_kernel` then sorts one (image, expert) row of n
 fp32 scores in registers.  The round trip costs B*k*n*4 bytes (vs B*n*d*elt for the input), and
-avoids a grid-wide dependency inside one kernel.
+avoids a grid-wide dependency inside one kernel.  Rows longer than SELECT_MAX_N are selected
+by op.py with torch ops on the same scores (the on-chip sort would not fit: see SELECT_MAX_N).
 """
 import triton
 import triton.language as tl
 
 from .utils import (key_patch, key_score, patch_col_offsets, patch_row_offsets,
                     PRUNE, pick_configs, selection_keys)
+
+# The longest score row _select_kernel sorts on chip.  Its bitonic sort of N_POW2 int64 keys
+# needs N_POW2 * 8 bytes of shared memory and, at 8 warps, N_POW2 / 128 keys per thread in
+# registers: N_POW2 = 8192 compiles without spills on sm_90 and sm_80 (up to 255 registers,
+# 64 KiB shared), 16384 spills (255 registers + 304..912 B at 8 warps, 600..950 B at 16; 128 KiB
+# shared) and 32768 needs 256 KiB of shared memory, more than an H100 has (227 KiB).  Longer
+# rows take op.py's torch fallback (same keys, same result).  registry.py compiles the cap.
+SELECT_MAX_N = 8192
 
 # Configs: the largest tiles that compile without spills on sm_90 and sm_80 (compile_report).
 SCORES_CONFIGS = [
@@ -107,84 +116,127 @@ def _select_kernel(scores_ptr, idx_ptr, gates_ptr, lse_ptr, y_ptr, n, k, l, m, o
                 tl.store(y_ptr + base[:, None] + mm[None, :], zero, mask=skip[:, None] & (mm < m)[None, :])
 
 
+GATE_BWD_BLOCK = 1024  # lanes per chunk of the gate backward (any l, n: no spills)
+
+
 @triton.jit
 def _gate_bwd_kernel(dg_ptr, gates_ptr, scores_ptr, lse_ptr, ds_ptr, dsd_ptr, n, k, l,
-                     L_POW2: tl.constexpr, N_POW2: tl.constexpr, GATE: tl.constexpr):
+                     GATE: tl.constexpr, BLOCK: tl.constexpr):
     """Score gradients from gate gradients dG (B, k, l) for one (image, expert).
 
     softmax:      dS_i = G_i (dG_i - c),  c = sum_i G_i dG_i, over the l taken (sparse, ds).
     softmax_all:  G = P restricted to the taken set, P = softmax over all n scores, so
                   dS_t = [t taken] dG_t P_t - P_t c  for every t: the sparse part dG_i G_i goes
                   to ds, the dense part -P_t c (every patch, taken or not) to dsd (B, k, n).
+    Loops over chunks of BLOCK, so l and n are unbounded (c: a fixed-order sum, deterministic).
     Grid: (B, k).
     """
     b = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
-    i = tl.arange(0, L_POW2)
-    i_ok = i < l
-    off = (b * k + s) * l + i
-    dg = tl.load(dg_ptr + off, mask=i_ok, other=0.0)
-    g = tl.load(gates_ptr + off, mask=i_ok, other=0.0)
-    c = tl.sum(g * dg, axis=0)
-    if GATE == 0:
-        tl.store(ds_ptr + off, g * (dg - c), mask=i_ok)
-    else:
-        tl.store(ds_ptr + off, g * dg, mask=i_ok)
-        j = tl.arange(0, N_POW2)
-        j_ok = j < n
-        row = (b * k + s) * n + j
-        r = tl.load(scores_ptr + row, mask=j_ok, other=0.0)
-        prob = tl.exp(r - tl.load(lse_ptr + b * k + s))
-        tl.store(dsd_ptr + row, -prob * c, mask=j_ok)
+    base = (b * k + s) * l
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i0 in range(0, l, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        i_ok = i < l
+        acc += tl.load(gates_ptr + base + i, mask=i_ok, other=0.0) * tl.load(dg_ptr + base + i, mask=i_ok, other=0.0)
+    c = tl.sum(acc, axis=0)
+    for i0 in range(0, l, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        i_ok = i < l
+        dg = tl.load(dg_ptr + base + i, mask=i_ok, other=0.0)
+        g = tl.load(gates_ptr + base + i, mask=i_ok, other=0.0)
+        if GATE == 0:
+            tl.store(ds_ptr + base + i, g * (dg - c), mask=i_ok)
+        else:
+            tl.store(ds_ptr + base + i, g * dg, mask=i_ok)
+    if GATE == 2:
+        lse = tl.load(lse_ptr + b * k + s)
+        for j0 in range(0, n, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            j_ok = j < n
+            row = (b * k + s) * n + j
+            r = tl.load(scores_ptr + row, mask=j_ok, other=0.0)
+            tl.store(dsd_ptr + row, -tl.exp(r - lse) * c, mask=j_ok)
 
 
+# The dense (all-n) part of softmax_all's router backward, two launches, each output element
+# with one owner and a fixed summation order (deterministic, no atomics):
+#     d router[e, c] += sum_{b,j} dsd[b, e, j] x_{b,j}[c]     (_route_dense_dr_kernel)
+#     dX_{b,j}[c]    += sum_e dsd[b, e, j] router_e[c]        (_route_dense_dx_kernel)
+# Experts come in blocks: of BLOCK_K <= 64 (op.router_block_k) along a grid axis for d router;
+# of the config's BLOCK_K in a loop (fp32 accumulator) for dX (64 experts at a time spill at
+# useful fp32 tiles).  So any k fits.  Both run after the expert kernels and add onto their fp32
+# results.
 ROUTE_BWD_CONFIGS = [
     triton.Config({"BLOCK_N": 16, "BLOCK_D": 32}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 32, "BLOCK_D": 16}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 64, "BLOCK_D": 16}, num_warps=8, num_stages=2),
 ]
+ROUTE_DX_CONFIGS = [
+    triton.Config({"BLOCK_N": 32, "BLOCK_D": 32, "BLOCK_K": 16}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_K": 16}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 128, "BLOCK_D": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+]
 
 
 @triton.autotune(configs=pick_configs(ROUTE_BWD_CONFIGS), key=["n", "d", "k"], prune_configs_by=PRUNE,
-                 restore_value=["dx_ptr", "dr_ptr"])
+                 restore_value=["dr_ptr"])
 @triton.jit
-def _route_dense_bwd_kernel(x_ptr, r_ptr, dsd_ptr, dx_ptr, dr_ptr, B, n, d, k, Wp, p,
-                            sxb, sxc, sxh, sxw, srk, srd, sdb, sdc, sdh, sdw,
-                            BLOCK_K: tl.constexpr, PREC: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The dense (all-n) part of softmax_all's router backward:
-        d router[:, c] += sum_{b,j} dsd[b, :, j] x_{b,j}[c]      dX_{b,j}[c] += sum_s dsd[b,s,j] router_s[c]
-
-    One program owns a block of BLOCK_D features for all k experts and walks every (b, j): each
-    output element has one owner and a fixed summation order (deterministic, no atomics); it runs
-    after the expert dX kernel and adds onto its fp32 result.  Parallelism is cdiv(d, BLOCK_D)
+def _route_dense_dr_kernel(x_ptr, dsd_ptr, dr_ptr, B, n, d, k, Wp, p, sxb, sxc, sxh, sxw,
+                           BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """d router[e block, c block] += sum over every (b, j) of dsd[b, e, j] x_{b,j}[c]: one program
+    per output tile walks all B*n rows in order.  Parallelism cdiv(d, BLOCK_D) * cdiv(k, BLOCK_K)
     programs: fine for this rarely-used gate, a split over patches would be next.
-    x: (B,C,H,W); dsd: (B, k, n) fp32; dx: fp32 map (strides sd*); dr: (k, d) fp32.
-    Grid: (cdiv(d, BLOCK_D),).
-    """
+    x: (B,C,H,W); dsd: (B, k, n) fp32; dr: (k, d) fp32 contiguous.
+    Grid: (cdiv(d, BLOCK_D), cdiv(k, BLOCK_K))."""
     c = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    e = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     c_ok = c < d
-    e = tl.arange(0, BLOCK_K)
     e_ok = e < k
     col_x = patch_col_offsets(c, p, sxc, sxh, sxw)
-    col_dx = patch_col_offsets(c, p, sdc, sdh, sdw)
-    rt = tl.load(r_ptr + e[:, None].to(tl.int64) * srk + c[None, :].to(tl.int64) * srd,
-                 mask=e_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
     dr = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
     for r0 in range(0, B * n, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
         r_ok = rows < B * n
         b = rows // n
         j = rows - b * n
-        mask = r_ok[:, None] & c_ok[None, :]
         xt = tl.load(x_ptr + patch_row_offsets(b, j, Wp, p, sxb, sxh, sxw)[:, None] + col_x[None, :],
-                     mask=mask, other=0.0).to(tl.float32)
+                     mask=r_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
         dst = tl.load(dsd_ptr + (b.to(tl.int64)[:, None] * k + e[None, :]) * n + j[:, None],
                       mask=r_ok[:, None] & e_ok[None, :], other=0.0)
         dr = tl.dot(tl.trans(dst), xt, dr, input_precision=PREC)
-        dx_ptrs = dx_ptr + patch_row_offsets(b, j, Wp, p, sdb, sdh, sdw)[:, None] + col_dx[None, :]
-        dxt = tl.dot(dst, rt, input_precision=PREC)
-        tl.store(dx_ptrs, tl.load(dx_ptrs, mask=mask, other=0.0) + dxt, mask=mask)
-    dr_ptrs = dr_ptr + e[:, None] * d + c[None, :]
+    dr_ptrs = dr_ptr + e[:, None].to(tl.int64) * d + c[None, :]
     dr_mask = e_ok[:, None] & c_ok[None, :]
     tl.store(dr_ptrs, tl.load(dr_ptrs, mask=dr_mask, other=0.0) + dr, mask=dr_mask)
+
+
+@triton.autotune(configs=pick_configs(ROUTE_DX_CONFIGS), key=["n", "d", "k"], prune_configs_by=PRUNE,
+                 restore_value=["dx_ptr"])
+@triton.jit
+def _route_dense_dx_kernel(r_ptr, dsd_ptr, dx_ptr, B, n, d, k, Wp, p, srk, srd, sdb, sdc, sdh, sdw,
+                           PREC: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dX_{b,j}[c] += sum_e dsd[b, e, j] router_e[c] for a (BLOCK_N rows, BLOCK_D features) tile,
+    experts 0..k-1 in blocks of BLOCK_K in order, one read-modify-write of its own dx elements.
+    router: (k, d); dsd: (B, k, n) fp32; dx: fp32 map (strides sd*).
+    Grid: (cdiv(B*n, BLOCK_N), cdiv(d, BLOCK_D))."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    r_ok = rows < B * n
+    c_ok = c < d
+    b = rows // n
+    j = rows - b * n
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for e0 in range(0, k, BLOCK_K):
+        e = e0 + tl.arange(0, BLOCK_K)
+        e_ok = e < k
+        dst = tl.load(dsd_ptr + (b.to(tl.int64)[:, None] * k + e[None, :]) * n + j[:, None],
+                      mask=r_ok[:, None] & e_ok[None, :], other=0.0)
+        rt = tl.load(r_ptr + e[:, None].to(tl.int64) * srk + c[None, :].to(tl.int64) * srd,
+                     mask=e_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(dst, rt, acc, input_precision=PREC)
+    mask = r_ok[:, None] & c_ok[None, :]
+    dx_ptrs = (dx_ptr + patch_row_offsets(b, j, Wp, p, sdb, sdh, sdw)[:, None]
+               + patch_col_offsets(c, p, sdc, sdh, sdw)[None, :])
+    tl.store(dx_ptrs, tl.load(dx_ptrs, mask=mask, other=0.0) + acc, mask=mask)

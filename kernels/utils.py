@@ -98,6 +98,40 @@ def prune_fp32_pre_hopper(configs, named_args, **kwargs):
 PRUNE = {"early_config_prune": prune_fp32_pre_hopper}
 
 
+def fixed_config(kernel) -> "triton.Config":
+    """The one config deterministic mode launches an autotuned kernel with: its list's first.
+
+    Configs with different tiles split reductions differently (and may pick different MMA
+    instructions), so the timing-chosen winner could change result bits between processes or
+    call histories; a fixed choice keeps deterministic runs bit-identical.  The first config is
+    the smallest, the one that compiles without spills on every arch and dtype (the one
+    prune_fp32_pre_hopper keeps, the one pick_configs keeps under the interpreter)."""
+    return kernel.configs[0]
+
+
+class FixedLaunch:
+    """`FixedLaunch(autotuned)[grid](*args, **kwargs)`: launch the kernel under its autotuner with
+    fixed_config, bypassing Autotuner.run (no benchmarking, no cache lookup).  Exactly what the
+    autotuner itself does once it has chosen: fn.run(*args, **kwargs, **config.all_kwargs());
+    the interpreter drops the launch options (num_warps, ...) it does not use."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        cfg = fixed_config(self.kernel)
+
+        def launch(*args, **kwargs):
+            return self.kernel.fn[grid](*args, **kwargs, **cfg.all_kwargs())
+
+        return launch
+
+
+def tuned(kernel, deterministic: bool):
+    """The autotuned kernel, or in deterministic mode its FixedLaunch."""
+    return FixedLaunch(kernel) if deterministic else kernel
+
+
 @triton.jit
 def patch_row_offsets(b, j, Wp, p, sxb, sxh, sxw):
     """int64 offset of the top-left element of patch j of image b (vectors of the same shape).
@@ -137,6 +171,32 @@ def selection_keys(score, j, valid):
     ordered = tl.where(u < 0, u ^ 0x7FFFFFFF, u)  # negative floats: larger magnitude -> smaller
     key = (ordered.to(tl.int64) << 32) | (_LOW_MASK - j.to(tl.int64))
     return tl.where(valid, key, -9223372036854775807 - 1)
+
+
+def selection_keys_torch(scores: torch.Tensor) -> torch.Tensor:
+    """selection_keys in torch ops for a (..., n) fp32 score tensor (every patch valid): the
+    same int64 keys bit for bit (tests/test_kernels_gpu_readiness.py compares the two), used by
+    the top-l fallback for rows too long to sort on chip (op.py)."""
+    n = scores.shape[-1]
+    u = scores.contiguous().view(torch.int32)
+    mag = u & 0x7FFFFFFF
+    u = torch.where(mag > 0x7F800000, torch.full_like(u, 0x7FC00000), u)
+    u = torch.where(mag == 0, torch.zeros_like(u), u)
+    ordered = torch.where(u < 0, u ^ 0x7FFFFFFF, u)
+    j = torch.arange(n, device=scores.device, dtype=torch.int64)
+    return (ordered.to(torch.int64) << 32) | (2147483647 - j)
+
+
+def key_patch_torch(key: torch.Tensor) -> torch.Tensor:
+    """key_patch in torch ops."""
+    return 2147483647 - (key & 2147483647)
+
+
+def key_score_torch(key: torch.Tensor) -> torch.Tensor:
+    """key_score in torch ops (the canonical NaN, +0.0 for -0.0)."""
+    ordered = (key >> 32).to(torch.int32)
+    u = torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered)
+    return u.view(torch.float32)
 
 
 @triton.jit

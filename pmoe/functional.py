@@ -2,6 +2,11 @@
 
     y = pmoe_conv2d(x, router, weight, bias, patch_size=p, top_l=l)      # (B,C,H,W) -> (B,out,H/p,W/p)
     y = pmoe(x, router, weight, bias, top_l=l)                           # (B,n,d)   -> (B,n,out)
+    s = pmoe_conv2d_pooled(x, router, weight, bias, patch_size=p, top_l=l)  # (B,C,H,W) -> (B,out)
+    s = pmoe_pooled(x, router, weight, bias, top_l=l)                    # (B,n,d)   -> (B,out)
+
+The pooled forms return the layer's output summed over all patches (what a sum- or
+average-pooling head reads) without ever making the (B, out, H/p, W/p) map, nor its gradient.
 
 Every argument is checked here, before any kernel launch; the computation itself is
 `torch_backend` (vectorised PyTorch) or `pmoe.kernels` (fused Triton).
@@ -15,7 +20,8 @@ import torch
 
 from .activations import ACTIVATIONS
 from .routing import GATES, Routing, resolve_top_l
-from .torch_backend import autocast_dtype, patches_from_map, pmoe_patches_torch
+from .torch_backend import (autocast_dtype, features_hwc, patches_from_map, patches_from_map_hwc,
+                            pmoe_patches_pooled_torch, pmoe_patches_torch)
 
 BACKENDS = ("auto", "torch", "triton")
 COMBINES = ("concat", "sum")
@@ -120,12 +126,14 @@ def _run(
     activation: str,
     backend: str,
     deterministic: bool,
+    pooled: bool = False,
 ) -> tuple[torch.Tensor, Routing]:
-    """Dispatch.  Exactly one of x_map (B,C,H,W) / xp (B,n,d) is given; returns (B, n, out)."""
+    """Dispatch.  Exactly one of x_map (B,C,H,W) / xp (B,n,d) is given; returns (B, n, out), or
+    with pooled its sum over the n patches, (B, out)."""
     src = x_map if x_map is not None else xp
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     if backend == "triton" and src.shape[0] > 0:
-        from pmoe.kernels import pmoe_fused
+        from pmoe.kernels import pmoe_fused, pmoe_fused_pooled
 
         ac = autocast_dtype(src.device.type)
         if ac is not None:
@@ -138,10 +146,62 @@ def _run(
             bias = bias.to(ac) if bias is not None else None
         if x_map is None:  # a token is a 1x1 patch of a (B, d, 1, n) map: no copy, just strides
             x_map = xp.transpose(1, 2).unsqueeze(2)
-        return pmoe_fused(x_map, p, router, weight2d, bias, l, combine, gate, activation, deterministic)
+        fused = pmoe_fused_pooled if pooled else pmoe_fused
+        return fused(x_map, p, router, weight2d, bias, l, combine, gate, activation, deterministic)
     if xp is None:
-        xp = patches_from_map(x_map, p)
-    return pmoe_patches_torch(xp, router, weight2d, bias, l, combine, gate, activation, deterministic)
+        B, C = x_map.shape[:2]
+        n, (k, m) = (x_map.shape[2] // p) * (x_map.shape[3] // p), weight2d.shape[:2]
+        if p > 1 and B * n >= 2 * k * (m + 1):
+            # Order each patch's features (p, p, C), and the parameters with it: the same dot
+            # products, but the patch copy moves C-long runs, about 5x faster on CPU than the
+            # unfold order's p-long runs.  The parameters' permuted copies cost k*(m+1) rows
+            # of that slow kind, so this pays when there are more patch rows than that.
+            xp = patches_from_map_hwc(x_map, p)
+            router, weight2d = features_hwc(router, C, p), features_hwc(weight2d, C, p)
+        else:
+            xp = patches_from_map(x_map, p)
+    path = pmoe_patches_pooled_torch if pooled else pmoe_patches_torch
+    return path(xp, router, weight2d, bias, l, combine, gate, activation, deterministic)
+
+
+def _check_conv2d(x, router, weight, bias, patch_size, top_l, combine, gate, activation, backend):
+    """pmoe_conv2d's checks.  -> (l, backend to run, weight as (k, m, d))."""
+    check_options(combine, gate, activation, backend)
+    _check_tensors(x, router, weight, bias)
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    if x.dim() != 4:
+        raise ValueError(f"input must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 5 or weight.shape[3] != patch_size or weight.shape[4] != patch_size:
+        raise ValueError(f"weight must have shape (k, m, C, {patch_size}, {patch_size}), got {tuple(weight.shape)}")
+    B, C, H, W = x.shape
+    p = patch_size
+    if C != weight.shape[2]:
+        raise ValueError(f"input has {C} channels but the layer expects {weight.shape[2]}")
+    if H % p or W % p:
+        raise ValueError(f"H={H} and W={W} must be divisible by patch_size={p}")
+    if H == 0 or W == 0:
+        raise ValueError(f"input has an empty spatial size {H}x{W}")
+    n, d = (H // p) * (W // p), C * p * p
+    k, m = _check_shapes(d, router, weight.shape[:2], bias, combine)
+    return resolve_top_l(top_l, n), _choose_backend(backend, x), weight.reshape(k, m, d)
+
+
+def _check_tokens(x, router, weight, bias, top_l, combine, gate, activation, backend):
+    """pmoe's checks.  -> (l, backend to run)."""
+    check_options(combine, gate, activation, backend)
+    _check_tensors(x, router, weight, bias)
+    if x.dim() != 3:
+        raise ValueError(f"input must be 3-D (B, n, d), got shape {tuple(x.shape)}")
+    if weight.dim() != 3:
+        raise ValueError(f"weight must have shape (k, m, d), got {tuple(weight.shape)}")
+    B, n, d = x.shape
+    if d != weight.shape[2]:
+        raise ValueError(f"input has {d} features but the layer expects {weight.shape[2]}")
+    if n == 0:
+        raise ValueError("input has no patches (n = 0)")
+    _check_shapes(d, router, weight.shape[:2], bias, combine)
+    return resolve_top_l(top_l, n), _choose_backend(backend, x)
 
 
 def pmoe_conv2d(
@@ -166,28 +226,40 @@ def pmoe_conv2d(
     view: the kernels write each patch's channels contiguously), and, with return_routing, the
     Routing (indices (B, k, l) int64, gates (B, k, l)).
     """
-    check_options(combine, gate, activation, backend)
-    _check_tensors(x, router, weight, bias)
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
-        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
-    if x.dim() != 4:
-        raise ValueError(f"input must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
-    if weight.dim() != 5 or weight.shape[3] != patch_size or weight.shape[4] != patch_size:
-        raise ValueError(f"weight must have shape (k, m, C, {patch_size}, {patch_size}), got {tuple(weight.shape)}")
+    l, which, weight2d = _check_conv2d(x, router, weight, bias, patch_size, top_l, combine, gate, activation, backend)
     B, C, H, W = x.shape
     p = patch_size
-    if C != weight.shape[2]:
-        raise ValueError(f"input has {C} channels but the layer expects {weight.shape[2]}")
-    if H % p or W % p:
-        raise ValueError(f"H={H} and W={W} must be divisible by patch_size={p}")
-    if H == 0 or W == 0:
-        raise ValueError(f"input has an empty spatial size {H}x{W}")
-    n, d = (H // p) * (W // p), C * p * p
-    k, m = _check_shapes(d, router, weight.shape[:2], bias, combine)
-    l = resolve_top_l(top_l, n)
-    which = _choose_backend(backend, x)
-    y, routing = _run(x, None, p, router, weight.reshape(k, m, d), bias, l, combine, gate, activation, which, deterministic)
+    y, routing = _run(x, None, p, router, weight2d, bias, l, combine, gate, activation, which, deterministic)
     y = y.view(B, H // p, W // p, y.shape[-1]).permute(0, 3, 1, 2)
+    return (y, routing) if return_routing else y
+
+
+def pmoe_conv2d_pooled(
+    x: torch.Tensor,
+    router: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    patch_size: int,
+    top_l: Union[int, float],
+    combine: str = "concat",
+    gate: str = "softmax",
+    activation: str = "relu",
+    backend: str = "auto",
+    deterministic: bool = False,
+    return_routing: bool = False,
+):
+    """pmoe_conv2d summed over all patches: ``pmoe_conv2d(x, ...).sum((2, 3))``, (B, out), without
+    making the (B, out, H/p, W/p) map (forward) or its gradient (backward).
+
+    The paper's classifier (SPEC §2) is this divided by l, then a linear head.  Same arguments
+    and checks as pmoe_conv2d; returns (B, k*m) for "concat", (B, m) for "sum", and, with
+    return_routing, the Routing.  Equal to the unpooled layer's sum up to float rounding (the
+    sum runs over the chosen patches in rank order instead of over the map).
+    """
+    l, which, weight2d = _check_conv2d(x, router, weight, bias, patch_size, top_l, combine, gate, activation, backend)
+    y, routing = _run(x, None, patch_size, router, weight2d, bias, l, combine, gate, activation, which,
+                      deterministic, pooled=True)
     return (y, routing) if return_routing else y
 
 
@@ -210,19 +282,28 @@ def pmoe(
     x: (B, n, d); router: (k, d); weight: (k, m, d); bias: (k, m).
     Returns y: (B, n, k*m) for "concat", (B, n, m) for "sum", and optionally the Routing.
     """
-    check_options(combine, gate, activation, backend)
-    _check_tensors(x, router, weight, bias)
-    if x.dim() != 3:
-        raise ValueError(f"input must be 3-D (B, n, d), got shape {tuple(x.shape)}")
-    if weight.dim() != 3:
-        raise ValueError(f"weight must have shape (k, m, d), got {tuple(weight.shape)}")
-    B, n, d = x.shape
-    if d != weight.shape[2]:
-        raise ValueError(f"input has {d} features but the layer expects {weight.shape[2]}")
-    if n == 0:
-        raise ValueError("input has no patches (n = 0)")
-    k, m = _check_shapes(d, router, weight.shape[:2], bias, combine)
-    l = resolve_top_l(top_l, n)
-    which = _choose_backend(backend, x)
+    l, which = _check_tokens(x, router, weight, bias, top_l, combine, gate, activation, backend)
     y, routing = _run(None, x, 1, router, weight, bias, l, combine, gate, activation, which, deterministic)
+    return (y, routing) if return_routing else y
+
+
+def pmoe_pooled(
+    x: torch.Tensor,
+    router: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    top_l: Union[int, float],
+    combine: str = "concat",
+    gate: str = "softmax",
+    activation: str = "relu",
+    backend: str = "auto",
+    deterministic: bool = False,
+    return_routing: bool = False,
+):
+    """pmoe summed over the n tokens: ``pmoe(x, ...).sum(1)``, (B, out), without the (B, n, out)
+    output.  x: (B, n, d); returns (B, k*m) for "concat", (B, m) for "sum" [, Routing]."""
+    l, which = _check_tokens(x, router, weight, bias, top_l, combine, gate, activation, backend)
+    y, routing = _run(None, x, 1, router, weight, bias, l, combine, gate, activation, which, deterministic,
+                      pooled=True)
     return (y, routing) if return_routing else y

@@ -81,6 +81,14 @@ class PMoEConv2d(_PMoEBase):
         return PF.pmoe_conv2d(x, self.router, self.weight, self.bias, patch_size=self.patch_size,
                               return_routing=return_routing, **self._opts())
 
+    def forward_pooled(self, x: torch.Tensor, return_routing: bool = False):
+        """``self(x).sum((2, 3))`` without making the output map: x (B, C, H, W) -> (B, out_channels)
+        [, Routing].  For heads that sum- or average-pool the layer's output over all positions
+        (the paper's classifier); see pmoe.functional.pmoe_conv2d_pooled.  A plain method, so the
+        module's forward hooks do not run for it."""
+        return PF.pmoe_conv2d_pooled(x, self.router, self.weight, self.bias, patch_size=self.patch_size,
+                                     return_routing=return_routing, **self._opts())
+
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, patch_size={self.patch_size}, "
                 f"num_experts={self.num_experts}, top_l={self.top_l}, combine={self.combine!r}, "
@@ -107,6 +115,11 @@ class PMoE(_PMoEBase):
 
     def forward(self, x: torch.Tensor, return_routing: bool = False):
         return PF.pmoe(x, self.router, self.weight, self.bias, return_routing=return_routing, **self._opts())
+
+    def forward_pooled(self, x: torch.Tensor, return_routing: bool = False):
+        """``self(x).sum(1)`` without the (B, n, out) output: x (B, n, in) -> (B, out_features)
+        [, Routing]; see pmoe.functional.pmoe_pooled.  Forward hooks do not run for it."""
+        return PF.pmoe_pooled(x, self.router, self.weight, self.bias, return_routing=return_routing, **self._opts())
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, num_experts={self.num_experts}, "

@@ -38,6 +38,7 @@ CASES = [
     (1, 2, 6, 9, 3, 3, 6, 1),     # n = 6 (not a power of two), l = 1
     (3, 1, 4, 4, 1, 2, 4, 16),    # p = 1, l = n
     (2, 5, 10, 4, 2, 1, 3, 4),    # one expert, d = 20
+    (6, 2, 8, 8, 2, 2, 4, 3),     # B*n large enough for the (p, p, C) feature order
 ]
 
 
@@ -229,3 +230,24 @@ def test_router_in_unfold_order():
     x[0, 1, 2, 3] = 5.0  # patch (row 1, col 1) = 3, local (u=0, v=1)
     _, r = layer(x, return_routing=True)
     assert r.indices.item() == 3
+
+
+@pytest.mark.parametrize("B,order", [(1, "unfold"), (8, "hwc")])
+def test_both_patch_feature_orders_match_reference(monkeypatch, B, order):
+    """The torch path orders patch features (p, p, C) when there are many patch rows (cheaper
+    copy) and keeps the unfold order otherwise; both must give the reference's results."""
+    import pmoe.functional as PF
+
+    used = []
+    real = PF.patches_from_map_hwc
+    monkeypatch.setattr(PF, "patches_from_map_hwc", lambda x, p: used.append(1) or real(x, p))
+    layer = _layer(3, 8, 2, 4, 3, "concat", "softmax", True)
+    x = torch.randn(B, 3, 6, 6, dtype=F64, requires_grad=True)
+    y, routing = layer(x, return_routing=True)
+    y_ref, idx_ref, _ = reference_conv2d(x, layer.router, layer.weight, layer.bias, 2, 3, "concat", "softmax")
+    assert bool(used) == (order == "hwc")
+    assert torch.equal(routing.indices, idx_ref)
+    assert rel_err(y, y_ref) < TOL
+    params = [x, layer.router, layer.weight, layer.bias]
+    for got, ref in zip(_grads(y, params), _grads(y_ref, params)):
+        assert rel_err(got, ref) < TOL

@@ -66,8 +66,10 @@ class PMoEClassifier(nn.Module):
         return image_to_patches(x, self.patch_size)
 
     def forward(self, x: torch.Tensor, return_routing: bool = False):
-        h, routing = self.moe(x, return_routing=True)  # (B, k*m, H/p, W/p), zero off the chosen patches
-        logit = (h.sum((2, 3)) / routing.top_l) @ self.head
+        # the layer's output summed over patches, (B, k*m), without its (B, k*m, H/p, W/p) map
+        # (zero off the chosen patches): the pooled kernels never write it, nor its gradient
+        pooled, routing = self.moe.forward_pooled(x, return_routing=True)
+        logit = (pooled / routing.top_l) @ self.head
         return (logit, routing) if return_routing else logit
 
 
