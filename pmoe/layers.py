@@ -49,6 +49,21 @@ class _PMoEBase(nn.Module):
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
 
+    def _apply(self, fn, recurse=True):
+        # Module.to(memory_format=torch.channels_last) converts every 4-D and 5-D tensor, and a
+        # 5-D tensor cannot be channels-last, so it would raise on the (k, m, C, p, p) weight.
+        # Convert that weight as the (k*m, C, p, p) conv weight it is, then view it back: the
+        # layer reads any weight strides.
+        def convert(t):
+            try:
+                return fn(t)
+            except RuntimeError:
+                if t.dim() != 5:
+                    raise
+                return fn(t.flatten(0, 1)).unflatten(0, t.shape[:2])
+
+        return super()._apply(convert, recurse)
+
     def _opts(self) -> dict:
         return dict(top_l=self.top_l, combine=self.combine, gate=self.gate, activation=self.activation,
                     backend=self.backend, deterministic=self.deterministic)

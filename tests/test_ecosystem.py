@@ -350,3 +350,23 @@ def test_per_expert_gather_matches_index_select():
     (ya * w).sum().backward()
     (yb * w).sum().backward()
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-15, atol=1e-15)
+
+
+def test_model_to_channels_last_with_a_5d_expert_weight():
+    """nn.Module.to(memory_format=channels_last) must not fail on the (k, m, C, p, p) weight,
+    and the converted model computes the same thing."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1),
+                              PMoEConv2d(8, 16, 2, 4, 0.5, backend="torch"))
+    torch.nn.init.normal_(net[1].router)
+    x = torch.randn(2, 3, 8, 8)
+    ref = net(x)
+    net.to(memory_format=torch.channels_last)
+    assert net[1].weight.shape == (4, 4, 8, 2, 2)
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    y = net(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    assert net[1].weight.grad.shape == net[1].weight.shape
+    net.to(torch.float64)  # other conversions are untouched
+    assert net[1].weight.dtype == torch.float64
