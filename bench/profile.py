@@ -27,7 +27,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH] + [_B
 from machine import machine_line  # noqa: E402
 
 from pmoe import profiling  # noqa: E402
-from pmoe.models.flagship import FlagshipDense, FlagshipPMoE  # noqa: E402
+from pmoe.models.flagship import DEFAULT_WIDTHS, FlagshipDense, FlagshipPMoE  # noqa: E402
 from pmoe.profiling import nvtx_range  # noqa: E402
 
 
@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--in-channels", type=int, default=3)
     ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--widths", type=int, nargs="+", default=[16, 64, 128])
+    ap.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS),
+                    help="flagship widths (stem, stages; default %(default)s)")
     ap.add_argument("--dense", action="store_true", help="profile the dense twin instead")
     ap.add_argument("--torch-profiler", metavar="TRACE.json", help="write a torch.profiler Chrome trace here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -4,6 +4,7 @@ data; report time per training step and the wall time and steps to reach a fixed
     python bench/train_time.py                       # digits-patch (1x32x32), both networks
     python bench/train_time.py --json                # the same as JSON rows
     python bench/train_time.py --target 0.95 --max-steps 800 --batch 64
+    python bench/train_time.py --channels-last       # both networks and the data channels-last
 
 Data: pmoe.data's "digits-patch" (sklearn's 8x8 digits as a 4x4 tile grid, one class tile, the
 others distractors) when pmoe.data is importable, else a synthetic tensor dataset made here
@@ -31,7 +32,7 @@ _BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH] + [_BENCH]
 from machine import machine_line  # noqa: E402
 
-from pmoe.models.flagship import FlagshipDense, FlagshipPMoE  # noqa: E402
+from pmoe.models.flagship import DEFAULT_WIDTHS, FlagshipDense, FlagshipPMoE  # noqa: E402
 
 
 def synthetic_digits(n_train: int, n_test: int, seed: int):
@@ -76,11 +77,14 @@ def accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int 
 
 
 def train(net, data, device, *, batch: int, lr: float, max_steps: int, eval_every: int, target: float,
-          warmup: int, seed: int, max_seconds: float = float("inf")) -> dict:
+          warmup: int, seed: int, max_seconds: float = float("inf"), channels_last: bool = False) -> dict:
     """SGD (momentum 0.9, weight decay 5e-4, constant lr), cross-entropy, reshuffled epochs drawn
-    from one seeded generator: the same batches for every network."""
+    from one seeded generator: the same batches for every network.  channels_last: the network's
+    parameters and the images in torch.channels_last (the pMoE layer's native layout)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     xtr, ytr, xte, yte = (t.to(device) for t in data)
-    net = net.to(device).train()
+    xtr, xte = xtr.contiguous(memory_format=fmt), xte.contiguous(memory_format=fmt)
+    net = net.to(device, memory_format=fmt).train()
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     gen = torch.Generator().manual_seed(seed)
     order, pos = torch.randperm(len(xtr), generator=gen), 0
@@ -132,10 +136,13 @@ def main(argv=None) -> int:
     ap.add_argument("--n-train", type=int, default=4000)
     ap.add_argument("--n-test", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--widths", type=int, nargs="+", default=[16, 64, 128], help="flagship widths (stem, stages)")
+    ap.add_argument("--widths", type=int, nargs="+", default=list(DEFAULT_WIDTHS),
+                    help="flagship widths (stem, stages; default %(default)s)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is steadier "
                     "on a shared machine, where OpenMP threads stall waiting for each other)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="run both networks and the data in torch.channels_last instead of NCHW")
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     args = ap.parse_args(argv)
 
@@ -149,15 +156,17 @@ def main(argv=None) -> int:
         net = cls(in_channels=1, num_classes=2, widths=args.widths)
         res = train(net, data, device, batch=args.batch, lr=args.lr, max_steps=args.max_steps,
                     eval_every=args.eval_every, target=args.target, warmup=args.warmup, seed=args.seed,
-                    max_seconds=args.max_seconds)
+                    max_seconds=args.max_seconds, channels_last=args.channels_last)
         rows.append({"name": name, "data": source, "device": str(device), "batch": args.batch,
+                     "memory_format": "channels_last" if args.channels_last else "nchw",
                      "target_acc": args.target, **res})
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     print(machine_line(device))
     print(f"# data: {source}, {args.n_train} train / {args.n_test} test; SGD lr {args.lr} momentum 0.9, "
-          f"batch {args.batch}, target test accuracy {args.target}")
+          f"batch {args.batch}, target test accuracy {args.target}, "
+          f"{'channels-last' if args.channels_last else 'NCHW'}")
     print("| network | step ms (median) | steps to target | train s to target | final acc | steps run |")
     print("|---|---|---|---|---|---|")
     for r in rows:

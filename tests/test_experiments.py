@@ -235,10 +235,12 @@ def test_equal_compute_end_to_end_with_spec_flop_counts(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     nets = res["networks"]
     assert set(nets) == {"flagship-pmoe", "flagship-dense"}
-    # SPEC §4 per image for the default flagship (1x32x32; widths 16, 64, 128; p = 2; k = 4; l = n/4):
-    stem, fc = 2 * 9 * 1 * 16 * 32 * 32, 2 * 128 * 2
-    dense = stem + 2 * 256 * 64 * 64 + 2 * 64 * 256 * 128 + fc
-    pmoe = stem + (2 * 256 * 64 * 4 + 2 * 64 * 64 * 64) + (2 * 64 * 256 * 4 + 2 * 16 * 256 * 128) + fc
+    # SPEC §4 per image for the default flagship (1x32x32; widths 16, 32, 256; p = 2; stage 1 dense,
+    # stage 2 pMoE with n = 64, d = 32*2*2, k = 4, l = 16):
+    stem, fc = 2 * 9 * 1 * 16 * 32 * 32, 2 * 256 * 2
+    stage1 = 2 * 256 * 64 * 32
+    dense = stem + stage1 + 2 * 64 * 128 * 256 + fc
+    pmoe = stem + stage1 + (2 * 64 * 128 * 4 + 2 * 16 * 128 * 256) + fc
     assert nets["flagship-dense"]["infer_flops"] == dense
     assert nets["flagship-pmoe"]["infer_flops"] == pmoe
     assert res["ratio"]["infer"] == pytest.approx(pmoe / dense)

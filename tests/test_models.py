@@ -123,3 +123,46 @@ def test_build_model_defaults_and_errors():
         build_model("cnn", 1, 8, training="separate")
     with pytest.raises(ValueError, match="unknown model"):
         build_model("vit", 1, 8)
+
+
+# ----------------------------------------------------------------------------- flagship
+
+def test_flagship_puts_pmoe_in_the_last_stage_and_the_twin_is_dense():
+    from pmoe import PMoEConv2d
+    from pmoe.models.flagship import flagship_pair
+
+    net, twin = flagship_pair(in_channels=1, num_classes=2)
+    assert net.moe_stages == (False, True) and twin.moe_stages == (False, False)
+    assert sum(isinstance(m, PMoEConv2d) for m in net.modules()) == 1
+    assert not any(isinstance(m, PMoEConv2d) for m in twin.modules())
+    x = torch.randn(3, 1, 32, 32)
+    assert net(x).shape == twin(x).shape == (3, 2)
+    both = flagship_pair(moe_stages=(True, True))[0]
+    assert sum(isinstance(m, PMoEConv2d) for m in both.modules()) == 2
+
+
+@pytest.mark.parametrize("bad", [dict(moe_stages=(True,)), dict(top_l=(0.25,)), dict(widths=(16, 32))])
+def test_flagship_rejects_mismatched_stage_arguments(bad):
+    from pmoe.models.flagship import FlagshipPMoE
+
+    with pytest.raises(ValueError, match="stage"):
+        FlagshipPMoE(**bad)
+
+
+def test_flagship_keeps_the_networks_memory_format():
+    """NCHW in, NCHW between stages (BN's CPU backward is slow on mixed layouts); a channels-last
+    network stays channels-last; both compute the same logits."""
+    from pmoe.models.flagship import FlagshipPMoE, KeepLayout
+
+    torch.manual_seed(0)
+    net = FlagshipPMoE(in_channels=1, num_classes=2, backend="torch").eval()
+    stage = next(m for m in net.modules() if isinstance(m, KeepLayout))
+    seen = []
+    stage.register_forward_hook(lambda m, i, o: seen.append(o))
+    x = torch.randn(4, 1, 32, 32)
+    ref = net(x)
+    assert seen[-1].is_contiguous()
+    net.to(memory_format=torch.channels_last)
+    out = net(x.contiguous(memory_format=torch.channels_last))
+    assert seen[-1].is_contiguous(memory_format=torch.channels_last) and not seen[-1].is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
