@@ -28,6 +28,11 @@ written once + weights read once (forward); forward+backward adds dy read, x and
 again, dx and dW written.  The 790 TFLOP/s is the bf16 dense peak; it is used for every dtype,
 so fp32 rows read low on purpose.
 
+Routing: the fused kernels route either in one launch (scores, top-l and gates per image) or in
+two (tiled scores, then select); pmoe.kernels.op.route_fused picks.  Both are checked (variants
+"route") and timed against each other at every shape (bf16), with the choice "auto" makes, so
+the rule can be tuned from a report.
+
 Pooled epilogue (the paper's classifier reads the layer summed over patches): checked like the
 layer (variants "pooled", against the float64 torch layer's map summed over patches), and timed
 against the unpooled layer followed by .sum((2, 3)) on the same backend at every shape, with the
@@ -38,6 +43,7 @@ both: the sum's gradient reaches the kernels as a stride-0 view either way.)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -76,6 +82,9 @@ VARIANTS = (  # the kernel paths besides the default (concat, softmax, no bias, 
     {"bias": True, "activation": "gelu"},
     {"deterministic": True},
     {"combine": "sum", "deterministic": True},
+    {"route": "split"},  # the two routing paths (pmoe.kernels.op.ROUTE), whichever "auto" picks here
+    {"route": "fused"},
+    {"route": "fused", "gate": "softmax_all"},
 )
 POOLED_VARIANTS = ({"pooled": True}, {"pooled": True, "combine": "sum"}, {"pooled": True, "deterministic": True},
                    {"pooled": True, "combine": "sum", "deterministic": True})
@@ -131,10 +140,28 @@ def near_ties(x64: torch.Tensor, router64: torch.Tensor, shape: LayerShape) -> t
     return ranked[..., l - 1] - ranked[..., l] <= TIE_REL * ranked.abs().amax(-1)
 
 
+@contextlib.contextmanager
+def forced_route(route: str):
+    """Run the fused kernels with pmoe.kernels.op.ROUTE = route ("fused" / "split")."""
+    from pmoe.kernels import op
+    was, op.ROUTE = op.ROUTE, route
+    try:
+        yield
+    finally:
+        op.ROUTE = was
+
+
 def check_layer(shape: LayerShape, batch: int, dtype: torch.dtype, device: torch.device, backend: str,
                 options: dict, seed: int) -> dict:
+    opts = dict(options)
+    route = opts.pop("route", None)
+    if route is not None:
+        if backend != "triton":
+            return {"ok": True, "note": "route: kernels only"}
+        with forced_route(route):
+            return check_layer(shape, batch, dtype, device, backend, opts, seed)
     torch.manual_seed(seed)
-    opts = {"combine": shape.combine, "gate": "softmax", "bias": False, "activation": "relu", **options}
+    opts = {"combine": shape.combine, "gate": "softmax", "bias": False, "activation": "relu", **opts}
     deterministic = opts.pop("deterministic", False)
     if opts.pop("pooled", False):
         return check_pooled(shape, batch, dtype, device, backend, opts, deterministic)
@@ -433,6 +460,47 @@ def run_pooled_timing(shapes, dtypes, backend, device, batch_of, budget: Budget,
     return rows
 
 
+def time_route(shape: LayerShape, batch: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Forward of the fused-kernel layer with the one-launch route vs the split one (scores, then
+    select), and which one ROUTE="auto" picks: the data to tune op.route_fused by."""
+    from pmoe.kernels import op
+    torch.manual_seed(0)
+    layer = make_layer(shape, "triton", device, dtype)
+    randomize_router(layer)
+    x = torch.randn(shape.input_shape(batch), device=device, dtype=dtype)
+    row = {"shape": shape.name, "batch": batch, "dtype": dname(dtype),
+           "auto_picks": "fused" if op.route_fused(batch, shape.num_patches, shape.num_experts, device) else "split"}
+    if not op._route_fits(shape.num_patches, shape.num_experts):
+        return {**row, "note": "n, k over the fused route's cap: split only"}
+
+    def forward():
+        with torch.no_grad():
+            layer(x)
+
+    for route in ("fused", "split"):
+        with forced_route(route):
+            row[route + "_ms"] = bench_ms(forward, device)
+    row["fused/split"] = row["fused_ms"] / row["split_ms"]
+    return row
+
+
+def run_route_timing(shapes, dtypes, device, batch_of, budget: Budget, report) -> list:
+    rows = []
+    for shape in shapes:
+        for dtype in dtypes:
+            label = {"shape": shape.name, "batch": batch_of(shape), "dtype": dname(dtype)}
+            if budget.left() < 0:
+                rows.append({**label, "error": "skipped: time budget spent"})
+                continue
+            try:
+                rows.append(time_route(shape, batch_of(shape), dtype, device))
+                print(f"route {label}: {rows[-1].get('fused/split', rows[-1].get('note'))}", flush=True)
+            except Exception as exc:
+                rows.append({**label, "error": f"{type(exc).__name__}: {exc}"})
+                report(traceback.format_exc())
+    return rows
+
+
 def ratio_rows(timing: list) -> list:
     """fused/torch and fused/dense (and masking/dense), forward and forward+backward."""
     ms = {(r["shape"], r["dtype"], r["pass"], r["kind"]): r["ms"] for r in timing if "ms" in r}
@@ -545,7 +613,7 @@ def markdown(doc: dict) -> str:
              f"mode: {doc['mode']}; kernels checked via backend={doc['checked_backend']!r}; "
              f"fp32 matmul precision={doc['fp32_matmul_precision']}; wall {doc['wall_s']:.0f} s", "",
              "## Correctness (reference: torch backend in float64 on the same rounded values)", "",
-             md_table(doc["correctness"], ["shape", "dtype", "variant", "batch", "ok", "index_agreement", "rows_differ",
+             md_table(doc["correctness"], ["shape", "dtype", "variant", "batch", "ok", "note", "index_agreement", "rows_differ",
                                            "near_tie_rows", "rows_differ_not_near_tie", "y_err", "dx_err",
                                            "drouter_err", "dweight_err", "dbias_err", "unselected_max_abs",
                                            "repeat_max_diff", "tolerance", "grads", "error"]), "",
@@ -555,6 +623,9 @@ def markdown(doc: dict) -> str:
              "## Ratios (time / time; < 1: the first is faster)", "",
              md_table(doc["ratios"], ["shape", "dtype", "pass", "triton/torch", "triton/dense", "torch/dense",
                                       "masking/dense"]), "",
+             "## Routing: one launch (scores + top-l + gates) vs two (scores, then select), forward", "",
+             md_table(doc["route_timing"], ["shape", "batch", "dtype", "auto_picks", "fused_ms", "split_ms",
+                                            "fused/split", "note", "error"]), "",
              "## Pooled epilogue: forward_pooled vs layer + .sum((2, 3)), same backend", "",
              "bytes_avoided: the (B, out, H/p, W/p) map written and read back, less the (B, out) result.", "",
              md_table(doc["pooled_timing"], ["shape", "batch", "backend", "dtype", "pass", "pooled_ms", "layer_sum_ms",
@@ -618,6 +689,9 @@ def main(argv=None) -> int:
                                      checked_backend, batch_of, budget, tracebacks.append)
     doc["pooled_timing"] = [] if args.skip_timing else run_pooled_timing(shapes, dtypes, checked_backend, device,
                                                                         batch_of, budget, tracebacks.append)
+    doc["route_timing"] = ([] if args.skip_timing or not kernels else
+                           run_route_timing(shapes, dtypes[1:2] or dtypes, device, batch_of, budget,  # bf16 on a GPU
+                                            tracebacks.append))
     doc["ratios"] = ratio_rows(doc["timing"])
     if args.skip_max_batch:
         doc["max_batch"] = []

@@ -1,9 +1,11 @@
 """Launch glue, the custom ops `pmoe::fused_fwd` / `pmoe::pooled_fwd` / `pmoe::fused_bwd`, their
 autograd and FLOPs.
 
-Launch sequence (forward):  scores -> select (+ concat zero-fill) -> experts.
-Pooled forward (the layer summed over patches, (B, out)): scores -> select -> experts with the
-pooling epilogue; no (B, n, out) map, no zero-fill.
+Launch sequence (forward):  route (+ concat zero-fill) -> experts, two launches, where one program
+can hold an image's scores and the batch fills the GPU (route_fused); else scores -> select ->
+experts.
+Pooled forward (the layer summed over patches, (B, out)): the same routing, then the experts with
+the pooling epilogue; no (B, n, out) map, no zero-fill.
 Launch sequence (backward): dpre (+ dG) -> gate bwd (dS) -> dX -> dW/db/d router -> [dense router
 part, softmax_all only].  The pooled op's backward is the same launches: its (B, out) gradient
 reaches dpre as a stride-0 (B, n, out) view (no B·n·out tensor is made).
@@ -39,8 +41,8 @@ from pmoe.routing import Routing
 from .backward import _dpre_kernel, _dw_kernel, _dx_det_kernel, _dx_kernel
 from .forward import _expert_fwd_kernel, _expert_fwd_sum_det_kernel, _expert_pool_det_kernel, _expert_pool_kernel
 from . import routing as _routing
-from .routing import (_gate_bwd_kernel, _route_dense_dr_kernel, _route_dense_dx_kernel, _scores_kernel,
-                      _select_kernel, GATE_BWD_BLOCK)
+from .routing import (_gate_bwd_kernel, _route_dense_dr_kernel, _route_dense_dx_kernel, _route_kernel,
+                      _scores_kernel, _select_kernel, GATE_BWD_BLOCK)
 from .utils import (ACT_CODES, COMBINE_CODES, GATE_CODES, key_patch_torch, key_score_torch,
                     selection_keys_torch, tuned)
 
@@ -142,36 +144,84 @@ def _select_torch(scores, l, gate, lse, y):
     return idx, gates.contiguous()
 
 
+# "auto" (route_fused decides), "fused" or "split": which routing kernels run (benchmarks and
+# tests set it to compare the two; results are the same bits either way).
+ROUTE = "auto"
+
+
+def route_warps(lanes: int) -> int:
+    return 4 if lanes < 1024 else 8
+
+
+def _route_fits(n: int, k: int) -> bool:
+    """One program holds all k score rows of an image: the experts in one block, and
+    next_pow2(n) * block <= ROUTE_MAX_KEYS lanes."""
+    return k <= router_block_k(k) and max(16, _np2(n)) * router_block_k(k) <= _routing.ROUTE_MAX_KEYS
+
+
+def route_fused(B: int, n: int, k: int, device: torch.device) -> bool:
+    """Whether the forward routes with the one-launch _route_kernel instead of _scores_kernel +
+    _select_kernel (routing.py): when one program can hold an image's k score rows
+    (_route_fits) and the batch alone gives every SM a program (B >= multiprocessors; under
+    the interpreter, always).  Below that the split kernels tile each image's patches over
+    several programs and win on parallelism; above, the fused one saves a launch and the
+    scores' round trip through memory."""
+    if ROUTE not in ("auto", "fused", "split"):
+        raise ValueError(f"pmoe.kernels.op.ROUTE must be 'auto', 'fused' or 'split', got {ROUTE!r}")
+    if ROUTE == "split":
+        return False
+    fits = _route_fits(n, k)
+    if ROUTE == "fused":
+        if not fits:
+            raise ValueError(f"ROUTE='fused' needs k <= 64 and next_pow2(n) * next_pow2(k) <= "
+                             f"{_routing.ROUTE_MAX_KEYS} (16 at least each), got n={n}, k={k}")
+        return True
+    if not fits:
+        return False
+    return device.type != "cuda" or B >= torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _route(x, router, p, l, k, gate, y=None, m=0, deterministic=False):
-    """Scores and selection.  -> idx (B, k, l) int64, gates (B, k, l) fp32, scores (B, k, n) fp32,
-    lse (B, k) fp32.  y: the concat output (B, n, k*m) whose unselected blocks the select kernel
-    zero-fills, or None (sum: accumulated from zeros; pooled: no map at all).  Rows longer than
-    routing.SELECT_MAX_N are selected by _select_torch (read at call time: tests lower it)."""
+    """Scores and selection.  -> idx (B, k, l) int64, gates (B, k, l) fp32, scores (B, k, n) fp32
+    for softmax_all (its backward needs them; (B, k, 0) otherwise), lse (B, k) fp32.  y: the
+    concat output (B, n, k*m) whose unselected blocks are zero-filled here, or None (sum:
+    accumulated from zeros; pooled: no map at all).  Rows longer than routing.SELECT_MAX_N are
+    selected by _select_torch (read at call time: tests lower it)."""
     B, C, H, W = x.shape
     Wp = W // p
     n = (H // p) * Wp
     d = router.shape[1]
     dev, f32 = x.device, torch.float32
-    scores = torch.empty(B, k, n, device=dev, dtype=f32)
+    keep_scores = gate == "softmax_all"
+    zero_fill = y is not None
     bk = router_block_k(k)
+    lse = torch.empty(B, k, device=dev, dtype=f32)
+    idx = torch.empty(B, k, l, device=dev, dtype=torch.int64)
+    gates = torch.empty(B, k, l, device=dev, dtype=f32)
+    if route_fused(B, n, k, dev):
+        scores = torch.empty(B, k, n if keep_scores else 0, device=dev, dtype=f32)
+        n_pow2 = max(16, _np2(n))
+        with nvtx_range("pmoe.route"):
+            _route_kernel[(B,)](x, router, idx, gates, scores, lse, y if zero_fill else scores, n, d, k, l, m, k * m,
+                                Wp, p, *x.stride(), *router.stride(), N_POW2=n_pow2, BLOCK_K=bk,
+                                GATE=GATE_CODES[gate], ZERO_FILL=zero_fill, STORE_SCORES=keep_scores,
+                                PREC=dot_precision(x.dtype), BLOCK_D=_routing.ROUTE_BLOCK_D,
+                                BLOCK_M=SELECT_BLOCK_M, num_warps=route_warps(n_pow2 * bk))
+        return idx, gates, scores, lse
+
+    scores = torch.empty(B, k, n, device=dev, dtype=f32)
     with nvtx_range("pmoe.scores"):
         tuned(_scores_kernel, deterministic)[lambda meta: (B, triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, bk))](
             x, router, scores, n, d, k, Wp, p, *x.stride(), *router.stride(), BLOCK_K=bk, PREC=dot_precision(x.dtype))
-
-    lse = torch.empty(B, k, device=dev, dtype=f32)
-    zero_fill = y is not None
-    if n > _routing.SELECT_MAX_N:
-        with nvtx_range("pmoe.select"):
-            idx, gates = _select_torch(scores, l, gate, lse, y)
-        return idx, gates, scores, lse
-    idx = torch.empty(B, k, l, device=dev, dtype=torch.int64)
-    gates = torch.empty(B, k, l, device=dev, dtype=f32)
-    n_pow2 = max(2, _np2(n))
     with nvtx_range("pmoe.select"):
-        _select_kernel[(B, k)](scores, idx, gates, lse, y if zero_fill else scores, n, k, l, m, k * m,
-                               N_POW2=n_pow2, GATE=GATE_CODES[gate], ZERO_FILL=zero_fill,
-                               BLOCK_N=SELECT_BLOCK_N, BLOCK_M=SELECT_BLOCK_M, num_warps=select_warps(n_pow2))
-    return idx, gates, scores, lse
+        if n > _routing.SELECT_MAX_N:
+            idx, gates = _select_torch(scores, l, gate, lse, y)
+        else:
+            n_pow2 = max(2, _np2(n))
+            _select_kernel[(B, k)](scores, idx, gates, lse, y if zero_fill else scores, n, k, l, m, k * m,
+                                   N_POW2=n_pow2, GATE=GATE_CODES[gate], ZERO_FILL=zero_fill,
+                                   BLOCK_N=SELECT_BLOCK_N, BLOCK_M=SELECT_BLOCK_M, num_warps=select_warps(n_pow2))
+    return idx, gates, scores if keep_scores else scores.new_empty(B, k, 0), lse
 
 
 def _expert_args(x, weight, bias, idx, gates, out, p, l, out_cols):
@@ -312,25 +362,26 @@ def _backward_impl(dy, x, router, weight, bias, idx, gates, scores, lse, p, l, c
 def fused_fwd(x: Tensor, router: Tensor, weight: Tensor, bias: Optional[Tensor], p: int, l: int,
               combine: str, gate: str, activation: str, deterministic: bool
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> y (B, n, out) x.dtype, idx (B, k, l) int64, gates (B, k, l) fp32, scores (B, k, n) fp32,
-    lse (B, k) fp32 (meaningful for softmax_all only)."""
+    """-> y (B, n, out) x.dtype, idx (B, k, l) int64, gates (B, k, l) fp32, scores (B, k, n) fp32
+    and lse (B, k) fp32 (meaningful for softmax_all only; scores is (B, k, 0) for the other gates)."""
     return _forward(x, router, weight, bias, p, l, combine, gate, activation, deterministic)
 
 
-def _fake_outputs(x, weight, p, l, combine, pooled):
+def _fake_outputs(x, weight, p, l, combine, gate, pooled):
     B, C, H, W = x.shape
     n = (H // p) * (W // p)
+    n_scores = n if gate == "softmax_all" else 0
     k, m, _ = weight.shape
     out = k * m if combine == "concat" else m
     f32 = torch.float32
     y = x.new_empty(B, out) if pooled else x.new_empty(B, n, out)
     return (y, x.new_empty(B, k, l, dtype=torch.int64), x.new_empty(B, k, l, dtype=f32),
-            x.new_empty(B, k, n, dtype=f32), x.new_empty(B, k, dtype=f32))
+            x.new_empty(B, k, n_scores, dtype=f32), x.new_empty(B, k, dtype=f32))
 
 
 @fused_fwd.register_fake
 def _(x, router, weight, bias, p, l, combine, gate, activation, deterministic):
-    return _fake_outputs(x, weight, p, l, combine, pooled=False)
+    return _fake_outputs(x, weight, p, l, combine, gate, pooled=False)
 
 
 @torch.library.custom_op("pmoe::pooled_fwd", mutates_args=())
@@ -344,7 +395,7 @@ def pooled_fwd(x: Tensor, router: Tensor, weight: Tensor, bias: Optional[Tensor]
 
 @pooled_fwd.register_fake
 def _(x, router, weight, bias, p, l, combine, gate, activation, deterministic):
-    return _fake_outputs(x, weight, p, l, combine, pooled=True)
+    return _fake_outputs(x, weight, p, l, combine, gate, pooled=True)
 
 
 @torch.library.custom_op("pmoe::fused_bwd", mutates_args=())

@@ -90,6 +90,18 @@ KERNELS = [
                                                    BLOCK_M=32, num_warps=8), {}),
                 ("n<=cap,softmax_all,sum", dict(N_POW2=routing.SELECT_MAX_N, GATE=2, ZERO_FILL=False, BLOCK_N=64,
                                                 BLOCK_M=32, num_warps=8), {"y_ptr": _F32})]),
+    # the fused route up to its lane cap (routing.ROUTE_MAX_KEYS; op.route_warps: 8 warps at 1024)
+    KernelSpec("route", routing._route_kernel,
+               {"idx_ptr": _I64, "gates_ptr": _F32, "scores_ptr": _F32, "lse_ptr": _F32},
+               [(f"n<={n},k<={bk},{label}", dict(N_POW2=n, BLOCK_K=bk, GATE=gate, ZERO_FILL=zero_fill,
+                                                   STORE_SCORES=gate == 2, BLOCK_D=routing.ROUTE_BLOCK_D, BLOCK_M=32,
+                                                   num_warps=4 if n * bk < 1024 else 8),
+                 {} if zero_fill else {"y_ptr": _F32})
+                for n, bk, gate, zero_fill, label in [(16, 16, 0, True, "softmax,concat"),
+                                                      (32, 16, 2, True, "softmax_all,concat"),
+                                                      (64, 16, 0, True, "softmax,concat"),
+                                                      (16, 64, 1, True, "indicator,concat"),
+                                                      (32, 32, 2, False, "softmax_all,sum")]]),
     KernelSpec("expert_fwd", forward._expert_fwd_kernel, {"idx_ptr": _I64, "gates_ptr": _F32},
                [("concat,gelu,bias", dict(HAS_BIAS=True, ACT=1, COMBINE=0), {}),
                 ("sum,relu", dict(HAS_BIAS=False, ACT=0, COMBINE=1), {"y_ptr": _F32})],

@@ -1,11 +1,16 @@
 """Routing kernels: scores, on-chip top-l selection + gates, and the router's backward.
 
-Forward is two launches instead of one per-image program: `_scores_kernel` tiles (image, patch
-block, expert block) so that even B = 1 fills the GPU, and reads the input exactly once (all k
-experts share each gathered x tile); `_select_kernel` then sorts one (image, expert) row of n
-fp32 scores in registers.  The round trip costs B*k*n*4 bytes (vs B*n*d*elt for the input), and
-avoids a grid-wide dependency inside one kernel.  Rows longer than SELECT_MAX_N are selected
-by op.py with torch ops on the same scores (the on-chip sort would not fit: see SELECT_MAX_N).
+Forward, one of two ways (op.route_fused picks):
+- fused, `_route_kernel`: one program per image computes its (n, k) scores, sorts every
+  expert's row in registers and writes the chosen patches and gates; the scores never go to
+  memory.  Grid (B,): it needs all of an image's scores in one program (ROUTE_MAX_KEYS) and
+  enough images to fill the GPU.
+- split, `_scores_kernel` then `_select_kernel`: the scores tiled over (image, patch block,
+  expert block), so that even B = 1 fills the GPU, written out (B*k*n*4 bytes, against
+  B*n*d*elt for the input) and sorted one (image, expert) row per program.  Rows longer than
+  SELECT_MAX_N are selected by op.py with torch ops on the same scores (see SELECT_MAX_N).
+Both read the input exactly once (all k experts share each gathered x tile) and share the
+selection and gate code (_top_l).
 """
 import triton
 import triton.language as tl
@@ -29,24 +34,13 @@ SCORES_CONFIGS = [
 ]
 
 
-@triton.autotune(configs=pick_configs(SCORES_CONFIGS), key=["n", "d", "k"], prune_configs_by=PRUNE)
 @triton.jit
-def _scores_kernel(x_ptr, r_ptr, scores_ptr, n, d, k, Wp, p,
-                   sxb, sxc, sxh, sxw, srk, srd,
-                   BLOCK_K: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """scores[b, s, j] = <router_s, x_{b,j}> for a (BLOCK_N patches, BLOCK_K experts) tile.
-
-    x: (B, C, H, W) any strides; router: (k, d); scores: (B, k, n) fp32, rounded to x's dtype
-    (the torch path computes the matmul in that dtype; rounding alike keeps the selections equal).
-    Grid: (B, cdiv(n, BLOCK_N), cdiv(k, BLOCK_K)).
-    """
-    b = tl.program_id(0)
-    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    e = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
-    j_ok = j < n
-    e_ok = e < k
-    row_off = patch_row_offsets(tl.full((BLOCK_N,), b, tl.int64), j, Wp, p, sxb, sxh, sxw)
+def _score_tile(x_ptr, r_ptr, row_off, j_ok, e, e_ok, d, p, sxc, sxh, sxw, srk, srd,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """(BLOCK_N patches, BLOCK_K experts) fp32 scores <router_e, x_j>, rounded to x's dtype (the
+    torch path computes the matmul in that dtype; rounding alike keeps the selections equal).
+    row_off: patch_row_offsets of the patches; both routes run this same d-loop, so they score
+    alike bit for bit."""
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for d0 in range(0, d, BLOCK_D):
         c = d0 + tl.arange(0, BLOCK_D)
@@ -56,18 +50,74 @@ def _scores_kernel(x_ptr, r_ptr, scores_ptr, n, d, k, Wp, p,
         rt = tl.load(r_ptr + e[None, :].to(tl.int64) * srk + c[:, None].to(tl.int64) * srd,
                      mask=c_ok[:, None] & e_ok[None, :], other=0.0)
         acc = tl.dot(xt, rt, acc, input_precision=PREC)
-    acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+    return acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.autotune(configs=pick_configs(SCORES_CONFIGS), key=["n", "d", "k"], prune_configs_by=PRUNE)
+@triton.jit
+def _scores_kernel(x_ptr, r_ptr, scores_ptr, n, d, k, Wp, p,
+                   sxb, sxc, sxh, sxw, srk, srd,
+                   BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """scores[b, s, j] = <router_s, x_{b,j}> for a (BLOCK_N patches, BLOCK_K experts) tile.
+
+    x: (B, C, H, W) any strides; router: (k, d); scores: (B, k, n) fp32 (_score_tile).
+    Grid: (B, cdiv(n, BLOCK_N), cdiv(k, BLOCK_K)).
+    """
+    b = tl.program_id(0)
+    j = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    e = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    j_ok = j < n
+    e_ok = e < k
+    row_off = patch_row_offsets(tl.full((BLOCK_N,), b, tl.int64), j, Wp, p, sxb, sxh, sxw)
+    acc = _score_tile(x_ptr, r_ptr, row_off, j_ok, e, e_ok, d, p, sxc, sxh, sxw, srk, srd,
+                      BLOCK_N, BLOCK_K, BLOCK_D, PREC)
     out = scores_ptr + (b.to(tl.int64) * k + e[None, :]) * n + j[:, None]
     tl.store(out, acc, mask=j_ok[:, None] & e_ok[None, :])
+
+
+@triton.jit
+def _row_lse(r, valid):
+    """log-sum-exp of score rows over their valid lanes (the last axis, kept as a size-1 axis),
+    with torch.logsumexp's handling of an infinite max."""
+    mx = tl.max(tl.where(valid, r, float("-inf")), axis=-1, keep_dims=True)
+    shift = tl.where(tl.abs(mx) == float("inf"), 0.0, mx)
+    return tl.log(tl.sum(tl.where(valid, tl.exp(r - shift), 0.0), axis=-1, keep_dims=True)) + shift
+
+
+@triton.jit
+def _top_l(r, j, valid, l, GATE: tl.constexpr):
+    """SPEC's selection and gates of one score row (N_POW2,) or a block of rows (R, N_POW2).
+
+    One bitonic sort of int64 keys (selection_keys) along the last axis gives SPEC's order
+    exactly.  r: fp32 scores; j: each lane's patch number (broadcastable to r; after the sort
+    it is the lane's rank); valid: real (row, patch) lanes, padding sorts last.
+    -> keys (unsorted), ranked (best first), taken (rank < l), gates (meaningful where taken),
+       lse (softmax_all: _row_lse of the rows; 0 for the other gates).
+    """
+    keys = selection_keys(r, j, valid)
+    ranked = tl.sort(keys, descending=True)
+    taken = j < l
+    sel = key_score(ranked)
+    lse = 0.0
+    if GATE == 0:
+        mx = tl.max(tl.where(taken, sel, float("-inf")), axis=-1, keep_dims=True)
+        ex = tl.where(taken, tl.exp(sel - mx), 0.0)
+        g = ex / tl.sum(ex, axis=-1, keep_dims=True)
+    elif GATE == 1:
+        g = tl.full(sel.shape, 1.0, tl.float32)
+    else:
+        lse = _row_lse(r, valid)
+        g = tl.exp(sel - lse)
+    return keys, ranked, taken, g, lse
 
 
 @triton.jit
 def _select_kernel(scores_ptr, idx_ptr, gates_ptr, lse_ptr, y_ptr, n, k, l, m, out_cols,
                    N_POW2: tl.constexpr, GATE: tl.constexpr, ZERO_FILL: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Top-l of one (image b, expert s) score row, best first, and its gates.
+    """Top-l of one (image b, expert s) score row, best first, and its gates (_top_l).
 
-    One bitonic sort of n int64 keys (selection_keys) in registers gives SPEC's order exactly.
     Writes idx (B, k, l) int64, gates (B, k, l) fp32, lse (B, k) fp32 (softmax_all only) and, for
     concat (ZERO_FILL), the zeros of expert s's channel block at the patches it did not take, so
     every element of y is written exactly once (the expert kernel writes the taken ones).
@@ -79,26 +129,12 @@ def _select_kernel(scores_ptr, idx_ptr, gates_ptr, lse_ptr, y_ptr, n, k, l, m, o
     j = tl.arange(0, N_POW2)
     j_ok = j < n
     r = tl.load(row + j, mask=j_ok, other=0.0)
-    ranked = tl.sort(selection_keys(r, j, j_ok), descending=True)
-    i = tl.arange(0, N_POW2)  # rank
-    taken = i < l
-    sel_off = (b * k + s) * l + i
+    _, ranked, taken, g, lse = _top_l(r, j, j_ok, l, GATE)
+    sel_off = (b * k + s) * l + j
     tl.store(idx_ptr + sel_off, key_patch(ranked), mask=taken)
-    sel = key_score(ranked)
-    if GATE == 0:
-        mx = tl.max(tl.where(taken, sel, float("-inf")), axis=0)
-        ex = tl.where(taken, tl.exp(sel - mx), 0.0)
-        g = ex / tl.sum(ex, axis=0)
-    elif GATE == 1:
-        g = tl.full((N_POW2,), 1.0, tl.float32)
-    else:
-        # log-sum-exp over all n, with torch.logsumexp's handling of an infinite max
-        mx = tl.max(tl.where(j_ok, r, float("-inf")), axis=0)
-        shift = tl.where(tl.abs(mx) == float("inf"), 0.0, mx)
-        lse = tl.log(tl.sum(tl.where(j_ok, tl.exp(r - shift), 0.0), axis=0)) + shift
-        tl.store(lse_ptr + b * k + s, lse)
-        g = tl.exp(sel - lse)
     tl.store(gates_ptr + sel_off, g, mask=taken)
+    if GATE == 2:
+        tl.store(lse_ptr + b * k + s + tl.arange(0, 1), lse)  # lse: (1,)
 
     if ZERO_FILL:
         # keys are unique, so "taken" == key >= the l-th largest key; re-derive keys by chunk
@@ -107,13 +143,69 @@ def _select_kernel(scores_ptr, idx_ptr, gates_ptr, lse_ptr, y_ptr, n, k, l, m, o
         for n0 in range(0, n, BLOCK_N):
             jj = n0 + tl.arange(0, BLOCK_N)
             jj_ok = jj < n
-            keys = selection_keys(tl.load(row + jj, mask=jj_ok, other=0.0), jj, jj_ok)
-            skip = jj_ok & (keys < kth)
+            chunk_keys = selection_keys(tl.load(row + jj, mask=jj_ok, other=0.0), jj, jj_ok)
+            skip = jj_ok & (chunk_keys < kth)
             base = (b * n + jj) * out_cols + s * m
             for m0 in range(0, m, BLOCK_M):
                 mm = m0 + tl.arange(0, BLOCK_M)
                 zero = tl.zeros((BLOCK_N, BLOCK_M), dtype=y_ptr.dtype.element_ty)
                 tl.store(y_ptr + base[:, None] + mm[None, :], zero, mask=skip[:, None] & (mm < m)[None, :])
+
+
+# The fused route: one program holds all n scores of an image for all k experts in registers
+# ((BLOCK_K, N_POW2) fp32 + the int64 keys and their sort), up to ROUTE_MAX_KEYS = N_POW2 *
+# BLOCK_K lanes (op.route_warps: 8 warps at 1024, 4 below).  Every shape up to the cap compiles
+# without spills on sm_90 and sm_80 in every dtype (registry.py); above it ptxas spills at some
+# (2048 lanes: 32 B for bf16 on sm_80 at 8 warps, fp32 on sm_80 more), so the split kernels run.
+ROUTE_MAX_KEYS = 1024
+ROUTE_BLOCK_D = 32  # = the scores kernel's BLOCK_D: the same d-loop, the same score bits
+
+
+@triton.jit
+def _route_kernel(x_ptr, r_ptr, idx_ptr, gates_ptr, scores_ptr, lse_ptr, y_ptr, n, d, k, l, m, out_cols,
+                  Wp, p, sxb, sxc, sxh, sxw, srk, srd,
+                  N_POW2: tl.constexpr, BLOCK_K: tl.constexpr, GATE: tl.constexpr, ZERO_FILL: tl.constexpr,
+                  STORE_SCORES: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Scores, top-l selection and gates of image b for all k experts in one program: the
+    image's patches are read once and its scores never leave registers (they are stored only
+    with STORE_SCORES: softmax_all's backward needs them).  The same arithmetic as
+    _scores_kernel + _select_kernel: the same scores, so the same choice and gates.
+
+    x: (B, C, H, W) any strides; router: (k, d); idx/gates (B, k, l); scores (B, k, n) fp32;
+    lse (B, k) fp32 (softmax_all); y: the concat output (B, n, k*m), zero-filled where an expert
+    did not take a patch (ZERO_FILL).  Grid: (B,).
+    """
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, N_POW2)
+    e = tl.arange(0, BLOCK_K)
+    j_ok = j < n
+    e_ok = e < k
+    row_off = patch_row_offsets(tl.full((N_POW2,), b, tl.int64), j, Wp, p, sxb, sxh, sxw)
+    r = tl.trans(_score_tile(x_ptr, r_ptr, row_off, j_ok, e, e_ok, d, p, sxc, sxh, sxw, srk, srd,
+                             N_POW2, BLOCK_K, BLOCK_D, PREC))  # (BLOCK_K, N_POW2): a row per expert
+    valid = e_ok[:, None] & j_ok[None, :]
+    rows = b * k + e[:, None]
+    if STORE_SCORES:
+        tl.store(scores_ptr + rows * n + j[None, :], r, mask=valid)
+    keys, ranked, taken, g, lse = _top_l(r, j[None, :], valid, l, GATE)
+    taken = taken & e_ok[:, None]
+    sel_off = rows * l + j[None, :]
+    tl.store(idx_ptr + sel_off, key_patch(ranked), mask=taken)
+    tl.store(gates_ptr + sel_off, g, mask=taken)
+    if GATE == 2:
+        tl.store(lse_ptr + rows, lse, mask=e_ok[:, None])  # lse: (BLOCK_K, 1)
+
+    if ZERO_FILL:
+        kth = tl.min(tl.where(taken, ranked, 9223372036854775807), axis=1, keep_dims=True)
+        skip = (valid & (keys < kth)).to(tl.int32)  # (BLOCK_K, N_POW2): expert e left patch j
+        base = (b * n + j) * out_cols
+        for s in range(0, k):
+            skip_s = tl.max(tl.where(e[:, None] == s, skip, 0), axis=0) > 0  # row s, as (N_POW2,)
+            for m0 in range(0, m, BLOCK_M):
+                mm = m0 + tl.arange(0, BLOCK_M)
+                zero = tl.zeros((N_POW2, BLOCK_M), dtype=y_ptr.dtype.element_ty)
+                tl.store(y_ptr + base[:, None] + (s * m + mm)[None, :], zero,
+                         mask=skip_s[:, None] & (mm < m)[None, :])
 
 
 GATE_BWD_BLOCK = 1024  # lanes per chunk of the gate backward (any l, n: no spills)

@@ -82,6 +82,10 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert doc["correctness"] and all(r.get("ok") for r in doc["correctness"]), doc["correctness"]
     kinds = {r["kind"] for r in doc["timing"] if "ms" in r}
     assert {"dense", "masking", "torch"} <= kinds
+    variants = {str(r["variant"]) for r in doc["correctness"]}
+    assert {"{'route': 'split'}", "{'route': 'fused'}"} <= variants
+    (route,) = doc["route_timing"]  # one shape, one dtype: both routes timed
+    assert route["fused_ms"] > 0 and route["split_ms"] > 0 and route["auto_picks"] == "fused"
     assert doc["max_batch"] and all(r.get("largest_fitting") for r in doc["max_batch"])
 
 

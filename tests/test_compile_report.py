@@ -20,7 +20,7 @@ def test_compile_report_quick(arch):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert f"sm_{arch}:" in out and "0 failed" in out
-    for name in ("scores", "select", "expert_fwd", "expert_pool", "expert_pool_det", "dpre", "dx", "dw", "gate_bwd",
+    for name in ("scores", "select", "route", "expert_fwd", "expert_pool", "expert_pool_det", "dpre", "dx", "dw", "gate_bwd",
                  "route_dense_dr", "route_dense_dx"):
         assert f"\n{name} " in out, name
     assert "mma" in out  # tensor-core instructions in the GEMM kernels

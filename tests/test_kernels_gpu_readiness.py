@@ -147,6 +147,7 @@ def test_layer_with_torch_selection_matches_kernel_selection(monkeypatch, combin
     args = (x, router, weight, bias, 2, 17, combine, gate, True, pooled)  # l, n > GATE_BWD_BLOCK: 2 chunks
     ref = _run_layer(*args)
     calls = []
+    monkeypatch.setattr(kop, "ROUTE", "split")  # the fallback is the split route's (ref: the fused route)
     monkeypatch.setattr(kroute, "SELECT_MAX_N", 16)
     monkeypatch.setattr(kop, "GATE_BWD_BLOCK", 16)
     monkeypatch.setattr(kop, "_select_torch", lambda *a: calls.append(1) or _select_torch(*a))
@@ -207,15 +208,17 @@ def test_fixed_config_is_each_lists_first():
     assert {s.fn.__name__ for s in registry.KERNELS if isinstance(s.kernel, Autotuner)} == set(_FULL_CONFIGS)
 
 
+@pytest.mark.parametrize("route", ["split", "fused"])  # the fused route is not autotuned
 @pytest.mark.parametrize("combine,pooled", [("concat", False), ("sum", False), ("concat", True)])
-def test_deterministic_launches_bypass_the_autotuner(monkeypatch, combine, pooled):
+def test_deterministic_launches_bypass_the_autotuner(monkeypatch, combine, pooled, route):
+    monkeypatch.setattr(kop, "ROUTE", route)
     x = torch.randn(2, 3, 4, 6, requires_grad=True)
     router, weight, bias = _params(3, 2, 3, 4, bias=True)
     tuner_runs, launches = _spy_launches(monkeypatch)
     _run_layer(x, router, weight, bias, 2, 3, combine, "softmax_all", True, pooled)
     assert tuner_runs == []
     launched = {name for name, _ in launches}
-    expect = {"_scores_kernel", "_dpre_kernel", "_dx_det_kernel", "_dw_kernel", "_route_dense_dr_kernel",
+    expect = {"_scores_kernel" if route == "split" else "_route_kernel", "_dpre_kernel", "_dx_det_kernel", "_dw_kernel", "_route_dense_dr_kernel",
               "_route_dense_dx_kernel",
               "_expert_pool_det_kernel" if pooled else
               ("_expert_fwd_kernel" if combine == "concat" else "_expert_fwd_sum_det_kernel")}
@@ -227,7 +230,7 @@ def test_deterministic_launches_bypass_the_autotuner(monkeypatch, combine, poole
     # the spy sees the autotuned path too
     tuner_runs.clear()
     _run_layer(x, router, weight, bias, 2, 3, combine, "softmax_all", False, pooled)
-    assert "_scores_kernel" in tuner_runs and "_dpre_kernel" in tuner_runs
+    assert "_dpre_kernel" in tuner_runs and ("_scores_kernel" in tuner_runs) == (route == "split")
 
 
 # ------------------------------------------------------------------ 3. device guard

@@ -12,7 +12,7 @@ from pmoe import profiling
 
 TORCH_FWD = {"pmoe.scores", "pmoe.select", "pmoe.experts", "pmoe.combine"}
 TORCH_BWD = {"pmoe.backward.scores", "pmoe.backward.select", "pmoe.backward.experts", "pmoe.backward.combine"}
-TRITON_FWD = {"pmoe.scores", "pmoe.select", "pmoe.experts"}
+TRITON_FWD = {"fused": {"pmoe.route", "pmoe.experts"}, "split": {"pmoe.scores", "pmoe.select", "pmoe.experts"}}
 TRITON_BWD = {"pmoe.backward.dpre", "pmoe.backward.gates", "pmoe.backward.dx", "pmoe.backward.dw"}
 
 
@@ -79,10 +79,13 @@ def test_torch_path_partial_backward_keeps_ranges_paired(profiling_on, tmp_path)
     fn()  # a second run after the profiler: hooks still balanced
 
 
-def test_triton_ranges(profiling_on, tmp_path):
+@pytest.mark.parametrize("route", ["fused", "split"])
+def test_triton_ranges(profiling_on, tmp_path, monkeypatch, route):
     pytest.importorskip("triton")
+    from pmoe.kernels import op
+    monkeypatch.setattr(op, "ROUTE", route)
     layer = _layer("triton", gate="softmax_all")
     names = _trace_names(lambda: _step(layer), tmp_path / "triton.json")
-    assert TRITON_FWD | TRITON_BWD | {"pmoe.backward.scores"} <= names
+    assert TRITON_FWD[route] | TRITON_BWD | {"pmoe.backward.scores"} <= names
     names = _trace_names(lambda: _step(layer, pooled=True), tmp_path / "triton_pooled.json")
-    assert TRITON_FWD | TRITON_BWD <= names
+    assert TRITON_FWD[route] | TRITON_BWD <= names
