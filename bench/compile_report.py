@@ -3,7 +3,8 @@
     python bench/compile_report.py --arch 90            # all, H100 (sm_90a)
     python bench/compile_report.py --arch 80 --quick    # first config, one dtype: a smoke test
 
-For each compile: registers, spill bytes (ptxas -v on the PTX, the ptxas bundled with triton),
+For each compile: registers, spill bytes (the `ptxas -v` log of the backend's own ptxas run: the
+ptxas it picks for the arch, with its flags),
 shared memory (Triton's metadata), and which matrix instructions the PTX uses (wgmma on sm_90,
 mma.sync on sm_80, "fma" for exact-fp32 dots, "-" for kernels without a dot).
 Exits 1 on any compile failure or any spill.  Must run with TRITON_INTERPRET unset/0.
@@ -11,11 +12,11 @@ Exits 1 on any compile failure or any spill.  Must run with TRITON_INTERPRET uns
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 
@@ -23,29 +24,41 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("compile_report: unset TRITON_INTERPRET (the interpreter does not compile)")
 
 import triton  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from pmoe.kernels.registry import KERNELS, dot_precision_for  # noqa: E402
 
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+def ptxas_info(arch: int) -> str:
+    """The ptxas the NVIDIA backend itself runs for this arch (newer Tritons bundle two: one for
+    sm_100+, one for the rest, and emit PTX only the matching one reads), with its version."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = get_ptxas(arch)
+    return f"{tool.path} ({tool.version})"
 
 
-def ptxas_stats(ptx: str, arch: int) -> dict:
-    """Registers and spill bytes from `ptxas -v` on the PTX."""
-    sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        proc = subprocess.run([PTXAS, f"-arch={sm}", "-v", src, "-o", os.path.join(tmp, "k.cubin")],
-                              capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ptxas failed: {proc.stderr[-2000:]}")
-    log = proc.stderr + proc.stdout
+def compile_with_ptxas_log(src, arch: int, options: dict):
+    """triton.compile with the backend's own ptxas -v log captured: the registers and spills of
+    the cubin Triton builds, with the flags its version passes (e.g. Triton 3.8's
+    --regAllocOptLevel=2), not those of a second ptxas run of ours.  always_compile bypasses the
+    compile cache, so ptxas runs (and logs) every time."""
+    buf = io.StringIO()
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True
+    with contextlib.redirect_stdout(buf):
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return compiled, ptxas_stats(buf.getvalue())
+
+
+def ptxas_stats(log: str) -> dict:
+    """Registers and spill bytes from a `ptxas -v` log."""
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    return {"regs": int(regs.group(1)) if regs else -1,
+    if regs is None:
+        raise RuntimeError("no ptxas -v log captured (was the compile served from a cache?)")
+    return {"regs": int(regs.group(1)),
             "spill": (int(spill.group(1)) + int(spill.group(2))) if spill else 0}
 
 
@@ -74,10 +87,8 @@ def compile_one(spec, variant, config, dtype: str, arch: int) -> dict:
     attrs.update(spec.int_attrs(sig, ptr_over))  # ints the variant declares multiples of 16 (registry)
     src = ASTSource(spec.fn, sig, consts, attrs)
     t0 = time.time()
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    compiled, stats = compile_with_ptxas_log(src, arch, {"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]
-    stats = ptxas_stats(ptx, arch)
     has_dot = "tl.dot" in spec.fn.src or "tt.dot" in compiled.asm.get("ttir", "")
     mi = matrix_insts(ptx)
     if mi == "-" and has_dot:
@@ -114,6 +125,7 @@ def main(argv=None) -> int:
                         traceback.print_exc()
 
     head = f"{'kernel':<20} {'variant':<26} {'config':<22} {'dtype':<5} {'regs':>4} {'spill':>5} {'smem':>6} {'mma':<6}"
+    print(f"triton {triton.__version__}, ptxas {ptxas_info(args.arch)}")
     print(f"sm_{args.arch}: {len(rows)} compiled, {len(failures)} failed")
     print(head)
     print("-" * len(head))

@@ -187,6 +187,8 @@ def _dw_kernel(x_ptr, idx_ptr, dpre_ptr, ds_ptr, dw_ptr, db_ptr, dr_ptr, B, n, k
             dr += tl.sum(ds[:, None] * xt.to(tl.float32), axis=0)
     tl.store(dw_ptr + (s * m + mm).to(tl.int64)[:, None] * d + c[None, :], acc, mask=m_ok[:, None] & c_ok[None, :])
     if HAS_BIAS:
-        tl.store(db_ptr + s * m + mm, db, mask=m_ok & (pid_d == 0))
+        if pid_d == 0:
+            tl.store(db_ptr + s * m + mm, db, mask=m_ok)
     if HAS_DS:
-        tl.store(dr_ptr + s * d + c, dr, mask=c_ok & (pid_m == 0))
+        if pid_m == 0:
+            tl.store(dr_ptr + s * d + c, dr, mask=c_ok)

@@ -169,7 +169,7 @@ def selection_keys(score, j, valid):
     u = tl.where(mag > 0x7F800000, 0x7FC00000, u)
     u = tl.where(mag == 0, 0, u)
     ordered = tl.where(u < 0, u ^ 0x7FFFFFFF, u)  # negative floats: larger magnitude -> smaller
-    key = (ordered.to(tl.int64) << 32) | (_LOW_MASK - j.to(tl.int64))
+    key = (ordered.to(tl.int64) << 32) | (j.to(tl.int64) ^ _LOW_MASK)  # = 2^31-1-j, tensor first
     return tl.where(valid, key, -9223372036854775807 - 1)
 
 
@@ -202,7 +202,7 @@ def key_score_torch(key: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def key_patch(key):
     """Patch index of a selection key."""
-    return _LOW_MASK - (key & _LOW_MASK)
+    return (key & _LOW_MASK) ^ _LOW_MASK  # = 2^31-1 - low bits (tensor operand first)
 
 
 @triton.jit
