@@ -64,6 +64,14 @@ class _PMoEBase(nn.Module):
 
         return super()._apply(convert, recurse)
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first: say plainly that TorchScript cannot compile the layer."""
+        raise RuntimeError(
+            f"{type(self).__name__} does not support TorchScript (torch.jit.script): its forward passes "
+            f"options as keyword arguments to a custom op, which TorchScript cannot compile. Use "
+            f"torch.compile, or torch.export for a graph to deploy (docs/ROBUSTNESS.md, 'Limits')."
+        )
+
     def _opts(self) -> dict:
         return dict(top_l=self.top_l, combine=self.combine, gate=self.gate, activation=self.activation,
                     backend=self.backend, deterministic=self.deterministic)

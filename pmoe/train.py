@@ -15,13 +15,24 @@ statistics in its evaluation records.
 Reproducibility: minibatch order comes from a torch.Generator seeded by `cfg.seed`; a checkpoint
 holds the model, the optimiser, the phase and epoch, the history and the RNG states of that
 generator, torch, numpy and python, so resuming continues bit for bit where the run stopped.
+Resuming checks that every setting that shapes the run matches the checkpoint's (see
+RESUME_MAY_CHANGE for the few that may change, e.g. `epochs` to extend a run).
+
+Failure: a non-finite training loss, or non-finite weights about to be saved, stop the run with a
+FloatingPointError, so a checkpoint on disk is never replaced by a diverged one.  Ctrl-C raises
+TrainingInterrupted, which names the last checkpoint written; a checkpoint is written whole or
+not at all (a Ctrl-C during the write is held until it is done).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
@@ -32,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data.files import FileFormatError
 from .layers import PMoEConv2d
 from .routing import Routing
 
@@ -39,17 +51,30 @@ History = list  # of per-epoch dicts, see _evaluate and _run_phase for the keys
 Log = Callable[[dict], None]
 
 
+# TrainConfig's float settings: (name, range check on a finite value, its description)
+_FLOAT_SETTINGS = (
+    ("lr", lambda v: v > 0, "a positive finite number"),
+    ("router_lr", lambda v: v > 0, "a positive finite number"),
+    ("router_scale", lambda v: v > 0, "a positive finite number"),
+    ("momentum", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("weight_decay", lambda v: v >= 0, "a finite number >= 0"),
+)
+
+
 @dataclass
 class TrainConfig:
     """Settings of a run; the defaults are the paper's (SGD, learning rate 0.2, batch 20).
 
-    epochs: epochs of joint training, or of phase 2 (experts) of separate training.
+    epochs: epochs of joint training, or of phase 2 (experts) of separate training (0: none).
+    momentum: SGD momentum in [0, 1); weight_decay: >= 0.
     router_epochs / router_lr / router_batch_size / router_scale: phase 1 of separate training,
         router_scale is c in g(x) = c (<w_1, mean_j x_j> - <w_2, mean_j x_j>).
     eval_every: evaluate on the test set every this many epochs, and always after the last
         (0: after the last only).
+    device: a torch device that this machine has ("cpu", "cuda", "cuda:1", ...).
     checkpoint: file written every `checkpoint_every` epochs and at the end of each phase.
-    resume: a checkpoint to continue from (the model must have the same architecture).
+    resume: a checkpoint to continue from (the model must have the same architecture, and every
+        setting but those in RESUME_MAY_CHANGE must equal the checkpoint's).
     meta: anything JSON-like to store in the checkpoint beside this config (the CLI stores the
         dataset and model arguments there).
     """
@@ -82,12 +107,35 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("lr", "router_lr"):
+        for name, in_range, what in _FLOAT_SETTINGS:
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{name} must be a positive number, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not in_range(v):
+                raise ValueError(f"{name} must be {what}, got {v!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        check_device(self.device)
+
+
+# Settings that may differ from the checkpoint's on resume: they change how long the run goes,
+# where it runs and what it logs or writes, not the data, the model or the recipe.  (A change of
+# device resumes on the other device; its arithmetic may differ in the last bits.)
+RESUME_MAY_CHANGE = ("epochs", "eval_every", "eval_batch_size", "progress", "device", "checkpoint",
+                     "checkpoint_every", "resume")
+
+
+def check_device(device) -> torch.device:
+    """`device` as a torch.device; ValueError if it is not a device name or this machine lacks it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a torch device name (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this machine has no CUDA device (torch.cuda.is_available() is False)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available on this machine")
+    return dev
 
 
 def seed_everything(seed: int) -> None:
@@ -197,6 +245,12 @@ def format_record(rec: dict) -> str:
              f"train {100 * rec['train_acc']:5.1f}%"]
     if "test_acc" in rec:
         parts.append(f"test {100 * rec['test_acc']:5.1f}%")
+    if "router_acc" in rec:
+        parts.append(f"router-acc {100 * rec['router_acc']:5.1f}%")
+    if "router_align" in rec:
+        parts.append("align " + " ".join(f"{a:.3f}" for a in rec["router_align"]))
+    if "router_margin" in rec:
+        parts.append(f"margin {rec['router_margin']:.4f}")
     if "capture" in rec:
         parts.append("capture " + " ".join(f"{c:.2f}" for c in rec["capture"]) + f" (any {rec['capture_any']:.2f})")
     if "routing" in rec:
@@ -228,20 +282,126 @@ def _as_tuples(obj):
 
 def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, phase: str, epoch: int,
                     history: History, gen: torch.Generator, cfg: TrainConfig) -> None:
-    """Write atomically (a crash mid-write leaves the previous checkpoint intact)."""
+    """Write atomically (a crash mid-write leaves the previous checkpoint intact).  Refuses, with
+    a FloatingPointError, a model holding NaN or Inf: it never replaces a good checkpoint."""
+    bad = next((name for name, t in model.state_dict().items()
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise FloatingPointError(f"{phase} epoch {epoch}: {bad} holds NaN or Inf; the training diverged "
+                                 f"(try a smaller learning rate) and {path} was not overwritten")
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "phase": phase, "epoch": epoch,
              "history": history, "rng": _rng_state(gen), "config": asdict(cfg)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "phase", "epoch", "history", "rng", "config")
 
 
 def load_checkpoint(path: str) -> dict:
-    """The dict save_checkpoint wrote (loaded with weights_only=True: plain tensors and numbers)."""
+    """The dict save_checkpoint wrote (loaded with weights_only=True: plain tensors and numbers).
+    FileNotFoundError if there is no such file; FileFormatError if it is not such a checkpoint
+    (empty, truncated, another format, a bare state_dict, or a pickle weights_only refuses)."""
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path} is a directory; give the checkpoint.pt file in it")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # torch.load's errors on a foreign file are of many kinds
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FileFormatError(f"checkpoint {path} cannot be read: {reason}") from e
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        hint = " (a bare state_dict? load it with model.load_state_dict)" if isinstance(ck, dict) else ""
+        raise FileFormatError(f"{path} is not a checkpoint written by pmoe: it has no {', '.join(missing)}{hint}")
+    if not isinstance(ck["config"], dict) or "seed" not in ck["config"]:
+        raise FileFormatError(f"{path} is not a checkpoint written by pmoe: its config holds no seed")
+    return ck
+
+
+def load_weights(model: nn.Module, ck: dict, path: str) -> None:
+    """model.load_state_dict(ck["model"]), with a FileFormatError naming `path` when they do not fit."""
+    try:
+        model.load_state_dict(ck["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileFormatError(f"checkpoint {path} does not fit the model: {reason}") from e
+
+
+def resume_differences(cfg: TrainConfig, saved: dict) -> list[str]:
+    """"name=saved (now value)" for every setting of cfg, and every key of cfg.meta, that differs
+    from the checkpoint's config `saved`; the names in RESUME_MAY_CHANGE are not compared."""
+    now, diffs = asdict(cfg), []
+    for name in sorted(set(now) - set(RESUME_MAY_CHANGE) - {"meta"}):
+        if saved.get(name) != now[name]:
+            diffs.append(f"{name}={saved.get(name)!r} (now {now[name]!r})")
+    saved_meta = saved.get("meta") or {}
+    for key in sorted(set(now["meta"]) | set(saved_meta)):
+        if saved_meta.get(key) != now["meta"].get(key):
+            diffs.append(f"{key}={saved_meta.get(key)!r} (now {now['meta'].get(key)!r})")
+    return diffs
+
+
+def load_resume(cfg: TrainConfig) -> dict:
+    """The checkpoint cfg.resume, after checking that cfg may continue it: ValueError listing
+    every setting that differs, or when cfg.epochs is below the epoch the checkpoint reached."""
+    ck = load_checkpoint(cfg.resume)
+    diffs = resume_differences(cfg, ck["config"])
+    if diffs:
+        raise ValueError(f"checkpoint {cfg.resume} was trained with different settings: {', '.join(diffs)} "
+                         f"(only {', '.join(RESUME_MAY_CHANGE)} may change on resume)")
+    if ck["phase"] in ("joint", "experts") and ck["epoch"] > cfg.epochs:
+        raise ValueError(f"checkpoint {cfg.resume} is at {ck['phase']} epoch {ck['epoch']}: epochs={cfg.epochs} "
+                         f"cannot continue it (give epochs >= {ck['epoch']})")
+    return ck
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training.  checkpoint / phase / epoch: the last checkpoint written (or
+    resumed from), None when there is none yet."""
+
+    def __init__(self, checkpoint: Optional[str] = None, phase: Optional[str] = None, epoch: int = 0):
+        super().__init__(checkpoint, phase, epoch)
+        self.checkpoint, self.phase, self.epoch = checkpoint, phase, epoch
+
+    def __str__(self) -> str:
+        if self.checkpoint is None:
+            return "interrupted; no checkpoint written yet"
+        where = f"epoch {self.epoch}" if self.phase == "joint" else f"{self.phase} epoch {self.epoch}"
+        return f"interrupted; last checkpoint: {self.checkpoint} ({where})"
+
+
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """Hold a Ctrl-C (SIGINT) until the block is done, then raise it: a checkpoint and the record
+    of it are written together.  Only in the main thread, and only over Python's own handler."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def show_progress(requested: bool) -> bool:
+    """Whether to draw a progress bar: when asked, and only while stdout and stderr are both
+    terminals (a redirected log would fill with the bar's carriage returns)."""
+    return bool(requested) and all(getattr(f, "isatty", lambda: False)() for f in (sys.stdout, sys.stderr))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -258,6 +418,18 @@ class _Run:
     history: History
     log: Optional[Log]
     resume: Optional[dict] = None
+    saved: tuple = ()  # (path, phase, epoch) of the last checkpoint written or resumed from
+
+
+@contextlib.contextmanager
+def _interrupts_named(run: _Run):
+    """Turn a Ctrl-C inside the block into a TrainingInterrupted naming run's last checkpoint."""
+    try:
+        yield
+    except TrainingInterrupted:
+        raise
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(*run.saved) from None
 
 
 def _start(model: nn.Module, train, test, cfg: TrainConfig, log: Optional[Log]) -> _Run:
@@ -273,11 +445,12 @@ def _start(model: nn.Module, train, test, cfg: TrainConfig, log: Optional[Log]) 
     run = _Run(cfg, x.to(dev), y.to(dev), (tx.to(dev), ty.to(dev), None if tsig is None else tsig.to(dev)),
                gen, [], log)
     if cfg.resume:
-        ck = load_checkpoint(cfg.resume)
-        model.load_state_dict(ck["model"])
+        ck = load_resume(cfg)
+        load_weights(model, ck, cfg.resume)
         _set_rng_state(ck["rng"], gen)
         run.history = list(ck["history"])
         run.resume = ck
+        run.saved = (cfg.resume, ck["phase"], ck["epoch"])
     return run
 
 
@@ -290,35 +463,51 @@ def _run_phase(run: _Run, model: nn.Module, phase: str, optimizer: torch.optim.O
         optimizer.load_state_dict(run.resume["optimizer"])
         start = run.resume["epoch"]
         run.resume = None  # consumed: later phases start fresh
+    bar = tqdm(range(start, epochs), desc=phase, disable=not show_progress(cfg.progress), leave=False,
+               dynamic_ncols=True)
+    try:
+        for epoch in bar:
+            rec = _epoch(run, model, phase, optimizer, epoch, epochs, batch_size, step_loss)
+            last = epoch + 1 == epochs
+            if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+                rec.update(_evaluate(model, *run.test, cfg.eval_batch_size))
+                if extra_eval is not None:
+                    rec.update(extra_eval())
+            run.history.append(rec)
+            if run.log is not None:
+                run.log(rec)
+            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", test=f"{rec.get('test_acc', float('nan')):.3f}")
+            if cfg.checkpoint and (last or (epoch + 1) % cfg.checkpoint_every == 0):
+                with _ctrl_c_held():
+                    save_checkpoint(cfg.checkpoint, model, optimizer, phase, epoch + 1, run.history, run.gen, cfg)
+                    run.saved = (cfg.checkpoint, phase, epoch + 1)
+    finally:
+        bar.close()
+
+
+def _epoch(run: _Run, model: nn.Module, phase: str, optimizer: torch.optim.Optimizer, epoch: int, epochs: int,
+           batch_size: int, step_loss: Callable) -> dict:
+    """One SGD pass over the training set; its record.  FloatingPointError on a non-finite loss."""
+    t0 = time.perf_counter()
+    model.train()
     N = len(run.x)
-    bar = tqdm(range(start, epochs), desc=phase, disable=not cfg.progress, leave=False, dynamic_ncols=True)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        model.train()
-        perm = torch.randperm(N, generator=run.gen).to(run.x.device)
-        loss_sum, correct = 0.0, 0
-        for i in range(0, N, batch_size):
-            idx = perm[i:i + batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            loss, hits = step_loss(idx)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(idx)
-            correct += hits
-        rec = {"phase": phase, "epoch": epoch + 1, "epochs": epochs, "train_loss": loss_sum / N,
-               "train_acc": correct / N, "seconds": time.perf_counter() - t0}
-        last = epoch + 1 == epochs
-        if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            rec.update(_evaluate(model, *run.test, cfg.eval_batch_size))
-            if extra_eval is not None:
-                rec.update(extra_eval())
-        run.history.append(rec)
-        if run.log is not None:
-            run.log(rec)
-        bar.set_postfix(loss=f"{rec['train_loss']:.3f}", test=f"{rec.get('test_acc', float('nan')):.3f}")
-        if cfg.checkpoint and (last or (epoch + 1) % cfg.checkpoint_every == 0):
-            save_checkpoint(cfg.checkpoint, model, optimizer, phase, epoch + 1, run.history, run.gen, cfg)
-    bar.close()
+    perm = torch.randperm(N, generator=run.gen).to(run.x.device)
+    loss_sum, correct = 0.0, 0
+    for i in range(0, N, batch_size):
+        idx = perm[i:i + batch_size]
+        optimizer.zero_grad(set_to_none=True)
+        loss, hits = step_loss(idx)
+        value = loss.item()
+        if not math.isfinite(value):
+            last = f"; last checkpoint: {run.saved[0]} ({run.saved[1]} epoch {run.saved[2]})" if run.saved else ""
+            raise FloatingPointError(f"{phase} epoch {epoch + 1}, step {i // batch_size + 1}: the training loss is "
+                                     f"{value}; the training diverged (try a smaller learning rate){last}")
+        loss.backward()
+        optimizer.step()
+        loss_sum += value * len(idx)
+        correct += hits
+    return {"phase": phase, "epoch": epoch + 1, "epochs": epochs, "train_loss": loss_sum / N,
+            "train_acc": correct / N, "seconds": time.perf_counter() - t0}
 
 
 def _sgd(params, lr: float, cfg: TrainConfig) -> torch.optim.SGD:
@@ -357,7 +546,8 @@ def train_joint(model: nn.Module, train, test, cfg: Optional[TrainConfig] = None
     if run.resume is not None and run.resume["phase"] != "joint":
         raise ValueError(f"checkpoint {cfg.resume} is from phase {run.resume['phase']!r}, not joint training")
     optimizer = _sgd(model.parameters(), cfg.lr, cfg)
-    _run_phase(run, model, "joint", optimizer, cfg.epochs, cfg.batch_size, _classification_step(model, run))
+    with _interrupts_named(run):
+        _run_phase(run, model, "joint", optimizer, cfg.epochs, cfg.batch_size, _classification_step(model, run))
     return run.history
 
 
@@ -381,21 +571,48 @@ def train_separate(model: nn.Module, train, test, cfg: Optional[TrainConfig] = N
     phase "experts": routers frozen, gate set to "indicator", every other trainable parameter
         trained on the logistic loss for cfg.epochs.
     Router 1 (expert 0) is pushed towards class +1's patches, router 2 towards class -1's:
-    pair it with head="sign" (expert 0's neurons +1, expert 1's -1).  Router-phase records also
-    carry router_acc: the test accuracy of sign(g).  Returns the history of both phases; see
-    train_joint for the keys.
+    pair it with head="sign" (expert 0's neurons +1, expert 1's -1).
+
+    The router loss is linear in the routers, so it has no minimum: its gradient over an epoch
+    is the same every epoch (-c times the sum of y * mean_j x_j), SGD moves w_1 along that sum
+    and w_2 against it at a constant rate, and the loss falls without bound as their norm grows.
+    Only their direction matters for which patches they pick, and it settles within a few
+    epochs.  With balanced classes that direction is the class-mean difference of mean_j x_j;
+    surplus images of one class add the mean of all images, which tilts both routers towards
+    the brightest patches.  So router-phase records carry, besides the loss, what tells a
+    router's quality: router_acc (test accuracy of sign(g)), router_align (the cosine between
+    w_1 and the training set's class-mean difference, and between w_2 and its negative: near 1
+    is the paper's router, well below 1 a tilted one) and router_margin (the test mean of
+    y <w_1 - w_2, mean_j x_j> / |w_1 - w_2|, a margin that does not grow with the norm).
+    Returns the history of both phases; see train_joint for the other keys.
     """
     cfg = cfg or TrainConfig()
     moe = _moe_layer(model)
     run = _start(model, train, test, cfg, log)
     if run.y.max() > 1:
         raise ValueError("separate training is for binary tasks (labels {0, 1} or {-1, +1})")
-    y_pm = run.y.float() * 2 - 1
-    tx, ty, _ = run.test
+    resumed_phase = run.resume["phase"] if run.resume is not None else None
+    if resumed_phase not in (None, "router", "experts"):
+        raise ValueError(f"checkpoint {cfg.resume} is from phase {resumed_phase!r}, not separate training")
+    with _interrupts_named(run):
+        if resumed_phase != "experts":
+            _router_phase(run, model, moe)
+        moe.gate = "indicator"
+        moe.router.requires_grad_(False)
+        optimizer = _sgd(model.parameters(), cfg.lr, cfg)
+        _run_phase(run, model, "experts", optimizer, cfg.epochs, cfg.batch_size, _classification_step(model, run))
+    return run.history
 
+
+def _router_phase(run: _Run, model: nn.Module, moe: PMoEConv2d) -> None:
+    """Phase 1 of train_separate: the routers alone on the loss -y g(x)."""
+    cfg, (tx, ty, _) = run.cfg, run.test
+    y_pm = run.y.float() * 2 - 1
     with torch.no_grad():  # the router model only sees the patch mean
         mean_x = model.router_inputs(run.x).mean(1)  # (N, d)
         mean_tx = model.router_inputs(tx).mean(1)
+    labels = run.y.bool()
+    delta = mean_x[labels].mean(0) - mean_x[~labels].mean(0) if 0 < int(labels.sum()) < len(labels) else None
 
     def g(m: torch.Tensor) -> torch.Tensor:
         return cfg.router_scale * (m @ (moe.router[0] - moe.router[1]))
@@ -406,21 +623,18 @@ def train_separate(model: nn.Module, train, test, cfg: Optional[TrainConfig] = N
         return -(yb * out).mean(), int(((out > 0).float() * 2 - 1 == yb).sum())
 
     @torch.no_grad()
-    def router_acc() -> dict:
-        return {"router_acc": ((g(mean_tx) > 0).long() == ty).double().mean().item()}
+    def router_eval() -> dict:
+        rec = {"router_acc": ((g(mean_tx) > 0).long() == ty).double().mean().item()}
+        diff = moe.router[0] - moe.router[1]
+        if len(ty) and float(diff.norm()) > 0:
+            rec["router_margin"] = ((ty.float() * 2 - 1) * (mean_tx @ diff)).mean().item() / float(diff.norm())
+        if delta is not None:
+            cos = F.cosine_similarity(moe.router, torch.stack([delta, -delta]), dim=1)
+            rec["router_align"] = cos.tolist()
+        return rec
 
-    resumed_phase = run.resume["phase"] if run.resume is not None else None
-    if resumed_phase not in (None, "router", "experts"):
-        raise ValueError(f"checkpoint {cfg.resume} is from phase {resumed_phase!r}, not separate training")
-    if resumed_phase != "experts":
-        optimizer = _sgd([moe.router], cfg.router_lr, cfg)
-        _run_phase(run, model, "router", optimizer, cfg.router_epochs, cfg.router_batch_size, router_step, router_acc)
-
-    moe.gate = "indicator"
-    moe.router.requires_grad_(False)
-    optimizer = _sgd(model.parameters(), cfg.lr, cfg)
-    _run_phase(run, model, "experts", optimizer, cfg.epochs, cfg.batch_size, _classification_step(model, run))
-    return run.history
+    optimizer = _sgd([moe.router], cfg.router_lr, cfg)
+    _run_phase(run, model, "router", optimizer, cfg.router_epochs, cfg.router_batch_size, router_step, router_eval)
 
 
 RECIPES: dict[str, Callable[..., History]] = {"joint": train_joint, "separate": train_separate}

@@ -247,3 +247,23 @@ def test_missing_files_name_the_expected_paths(tmp_path, name):
         make_dataset(name, 4, 4, data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="data_dir"):
         make_dataset(name, 4, 4)
+
+
+@pytest.mark.parametrize("name", ["mnist-patch", "cifar10-patch"])
+def test_file_tile_tasks_share_one_construction(tmp_path, name):
+    """mnist-patch and cifar10-patch are one construction over two readers: both compose in
+    pixel units and scale to [0, 1], so the default box marker is a full-intensity outline."""
+    fake_mnist(tmp_path)
+    fake_cifar(tmp_path)
+    seen = []
+    train, test = make_dataset(name, 8, 4, seed=0, data_dir=str(tmp_path), spurious=Spurious(1.0),
+                               hook=lambda tiles, y, sig, rng: seen.append(tiles.dtype))
+    assert seen == [np.uint8, np.uint8]  # the hook sees pixel units, on both splits
+    p, channels = (28, 1) if name == "mnist-patch" else (32, 3)
+    assert train.x.shape == (8, channels, 4 * p, 4 * p) and 0 <= train.x.min() and train.x.max() <= 1
+    marker = tiles(train.x, p)[:, 0]  # (N, C, p, p): the marker's patch
+    labelled = train.y == 1
+    assert bool((marker[labelled][:, :, 0, :] == 1.0).all()) and bool((marker[labelled][:, :, 1:-1, 1:-1] == 0).all())
+    # the same seed gives the same images
+    again, _ = make_dataset(name, 8, 4, seed=0, data_dir=str(tmp_path), spurious=Spurious(1.0))
+    assert torch.equal(again.x, train.x)

@@ -137,3 +137,119 @@ def test_labels_and_config_are_checked(digits):
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="unknown training"):
         train_model(model, train, test, _cfg(epochs=1), training="alternating")
+
+
+# ----------------------------------------------------------------------------- failures: no silent wrong results
+
+@pytest.mark.parametrize("name, value", [("momentum", float("nan")), ("momentum", 1.0), ("momentum", -0.1),
+                                         ("lr", float("inf")), ("router_lr", float("nan")),
+                                         ("router_scale", 0.0), ("weight_decay", float("nan")),
+                                         ("weight_decay", -1.0)])
+def test_float_settings_must_be_finite_and_in_range(name, value):
+    with pytest.raises(ValueError, match=name):
+        TrainConfig(**{name: value})
+
+
+@pytest.mark.parametrize("device, match", [("gpu0", "not a torch device name"), ("cuda", "no CUDA device")])
+def test_devices_are_checked_up_front(device, match):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(device=device)
+
+
+class _Diverges(torch.nn.Module):
+    """A CNN whose output turns NaN from the `bad_from`-th training forward on."""
+
+    def __init__(self, bad_from: int):
+        super().__init__()
+        self.net, self.calls, self.bad_from = CNNClassifier(1, 8, neurons=4), 0, bad_from
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.bad_from:
+                out = out * float("nan")
+        return out
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_good_checkpoint(tmp_path, digits):
+    train, test = digits[0].subset(slice(0, 40)), digits[1].subset(slice(0, 20))
+    path = str(tmp_path / "ck.pt")
+    model = _Diverges(bad_from=2 * 2 + 1)  # batch 20 over 40 images: 2 steps an epoch; NaN in epoch 3
+    diverged = r"joint epoch 3, step 1: the training loss is nan.*ck.pt \(joint epoch 2\)"
+    with pytest.raises(FloatingPointError, match=diverged):
+        train_joint(model, train, test, _cfg(epochs=5, checkpoint=path))
+    ck = load_checkpoint(path)
+    assert ck["epoch"] == 2 and all(bool(torch.isfinite(t).all()) for t in ck["model"].values())
+
+
+def test_non_finite_weights_are_never_saved_over_a_checkpoint(tmp_path, digits):
+    train, test = digits[0].subset(slice(0, 20)), digits[1].subset(slice(0, 20))
+    path = str(tmp_path / "ck.pt")
+    model = CNNClassifier(1, 8, neurons=4)
+    train_joint(model, train, test, _cfg(epochs=1, batch_size=20, checkpoint=path))
+    # the step's loss is finite, but the gradient (so the weights after the step) is not
+    model.conv.weight.register_hook(lambda g: g * float("nan"))
+    resumed = _cfg(epochs=2, batch_size=20, checkpoint=path, resume=path)
+    with pytest.raises(FloatingPointError, match="holds NaN or Inf.*was not overwritten"):
+        train_joint(model, train, test, resumed)
+    assert load_checkpoint(path)["epoch"] == 1
+
+
+def test_resume_lists_every_setting_that_differs(tmp_path, digits):
+    train, test = digits[0].subset(slice(0, 40)), digits[1].subset(slice(0, 20))
+    path = str(tmp_path / "ck.pt")
+    train_joint(PMoEClassifier(1, 8), train, test, _cfg(epochs=1, seed=1, checkpoint=path, meta={"data": "a"}))
+    changed = _cfg(epochs=3, seed=2, lr=0.1, momentum=0.5, resume=path, meta={"data": "b"})
+    with pytest.raises(ValueError, match="different settings") as e:
+        train_joint(PMoEClassifier(1, 8), train, test, changed)
+    msg = str(e.value)
+    for part in ("seed=1 (now 2)", "lr=0.2 (now 0.1)", "momentum=0.0 (now 0.5)", "data='a' (now 'b')"):
+        assert part in msg
+    assert "epochs" not in msg.split("(only")[0]  # epochs may change: it extends the run
+    # fewer epochs than the checkpoint reached cannot continue it
+    with pytest.raises(ValueError, match="is at joint epoch 1: epochs=0"):
+        train_joint(PMoEClassifier(1, 8), train, test, _cfg(epochs=0, seed=1, resume=path, meta={"data": "a"}))
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_named(tmp_path, digits):
+    from pmoe.data import FileFormatError
+
+    train, test = digits[0].subset(slice(0, 20)), digits[1].subset(slice(0, 20))
+    path = str(tmp_path / "ck.pt")
+    train_joint(PMoEClassifier(1, 8), train, test, _cfg(epochs=1, checkpoint=path))
+    with pytest.raises(FileFormatError, match="ck.pt does not fit the model"):
+        train_joint(CNNClassifier(1, 8), train, test, _cfg(epochs=2, resume=path))
+
+
+def test_router_phase_reports_alignment_and_margin(digits):
+    from pmoe.train import format_record
+
+    train, test = digits  # exactly balanced classes
+    imbalanced = train.subset(slice(0, 100))
+    assert int(train.y.sum()) == 200 and int(imbalanced.y.sum()) == 45
+    runs = []
+    for data in (train, imbalanced):
+        torch.manual_seed(0)
+        model = build_model("pmoe", 1, 8, training="separate")
+        runs.append(train_separate(model, data, test, _cfg(router_epochs=3, epochs=0))[2])
+    balanced, tilted = runs
+    assert balanced["phase"] == "router" and len(balanced["router_align"]) == 2
+    # balanced: the linear loss drives the routers along +-(class-mean difference)
+    assert min(balanced["router_align"]) > 0.99 and balanced["router_margin"] > 0
+    # 45 vs 55 images: the surplus tilts both routers towards the images' common brightness, the
+    # alignment shows it, and the routers catch the class digit far less often
+    assert max(tilted["router_align"]) < 0.5 and sum(tilted["capture"]) < sum(balanced["capture"]) - 0.3
+    line = format_record(balanced)
+    assert "router-acc" in line and "align 1.000 1.000" in line and "margin" in line
+
+
+def test_interrupt_message_names_the_last_checkpoint():
+    from pmoe.train import TrainingInterrupted
+
+    assert str(TrainingInterrupted("r/ck.pt", "joint", 3)) == "interrupted; last checkpoint: r/ck.pt (epoch 3)"
+    assert str(TrainingInterrupted("r/ck", "experts", 2)) == "interrupted; last checkpoint: r/ck (experts epoch 2)"
+    assert str(TrainingInterrupted()) == "interrupted; no checkpoint written yet"
+    assert isinstance(TrainingInterrupted(), KeyboardInterrupt)

@@ -8,14 +8,14 @@ cifar10, cifar10-patch (from local files, see `pmoe.data.files`).
 """
 from .base import PatchDataset, Spurious, TileHook, box_marker, compose_tiles, image_to_patches, tiles_to_images
 from .digits import digits_pool_split, load_sklearn_digits, make_digits_patch
-from .files import load_cifar10, load_mnist, read_idx
+from .files import FileFormatError, load_cifar10, load_mnist, read_cifar_batch, read_idx
 from .registry import DATASETS, make_dataset
 from .synthetic import make_synthetic
 from .vision import make_cifar10, make_cifar10_patch, make_mnist_patch
 
 __all__ = [
-    "DATASETS", "PatchDataset", "Spurious", "TileHook", "box_marker", "compose_tiles", "digits_pool_split",
-    "image_to_patches", "load_cifar10", "load_mnist", "load_sklearn_digits", "make_cifar10",
+    "DATASETS", "FileFormatError", "PatchDataset", "Spurious", "TileHook", "box_marker", "compose_tiles",
+    "digits_pool_split", "image_to_patches", "load_cifar10", "load_mnist", "load_sklearn_digits", "make_cifar10",
     "make_cifar10_patch", "make_dataset", "make_digits_patch", "make_mnist_patch", "make_synthetic",
-    "read_idx", "tiles_to_images",
+    "read_cifar_batch", "read_idx", "tiles_to_images",
 ]

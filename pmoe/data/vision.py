@@ -10,13 +10,13 @@ tiles, 3x128x128 images, p = 32).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .base import PatchDataset, Spurious, TileHook, box_marker, check_count, compose_tiles
-from .digits import _check_digits, compose_digit_tiles
+from .digits import _check_digits
 from .files import PathLike, load_cifar10, load_mnist
 
 # the usual CIFAR-10 training-set channel statistics (of pixel / 255)
@@ -28,6 +28,35 @@ def _need_dir(data_dir: Optional[PathLike], name: str) -> PathLike:
     if data_dir is None:
         raise ValueError(f"{name} is read from local files: pass data_dir (the CLI's --data-dir)")
     return data_dir
+
+
+def _split_pools(load: Callable, data_dir: PathLike, seed: int):
+    """For the train files, then the test files: (images, labels, rng), each split with its own
+    generator derived from `seed` (the same streams for every file dataset)."""
+    _, train_ss, test_ss = np.random.SeedSequence(seed).spawn(3)
+    for train, ss in ((True, train_ss), (False, test_ss)):
+        yield (*load(data_dir, train), np.random.default_rng(ss))
+
+
+def _tile_task(name: str, load: Callable, n_train: int, n_test: int, seed: int, data_dir: Optional[PathLike],
+               classes: Sequence[int], distractors: Optional[Sequence[int]], grid: tuple[int, int],
+               spurious: Optional[Spurious], test_spurious: Optional[Spurious],
+               hook: Optional[TileHook]) -> tuple[PatchDataset, PatchDataset]:
+    """The digit-tile construction on uint8 tiles read by `load(data_dir, train)` ((M, p, p) or
+    (M, C, p, p) images and their 0..9 labels): composed in pixel units 0..255 (a float32 copy of
+    the pool would be 190 MB for MNIST, 600 MB for CIFAR-10), scaled to [0, 1] after."""
+    n_train, n_test = check_count("n_train", n_train), check_count("n_test", n_test)
+    classes, distractors = _check_digits(classes, distractors)  # also ids in 0..9
+    data_dir = _need_dir(data_dir, name)
+    out = []
+    for (tiles, labels, rng), n_samples, spur in zip(_split_pools(load, data_dir, seed), (n_train, n_test),
+                                                     (spurious, test_spurious)):
+        tiles = tiles[:, None] if tiles.ndim == 3 else tiles
+        ds = compose_tiles([tiles[labels == c] for c in classes], tiles[np.isin(labels, distractors)], n_samples,
+                           grid, rng, spur, box_marker(tiles.shape[1], tiles.shape[-1], 255.0), hook)
+        ds.x /= 255.0
+        out.append(ds)
+    return out[0], out[1]
 
 
 def make_mnist_patch(
@@ -43,18 +72,11 @@ def make_mnist_patch(
     test_spurious: Optional[Spurious] = None,
     hook: Optional[TileHook] = None,
 ) -> tuple[PatchDataset, PatchDataset]:
-    """Binary MNIST digit-tile task: (N, 1, 112, 112) images for the default grid, p = 28.
-    Arguments as `pmoe.data.digits.make_digits_patch`."""
-    n_train, n_test = check_count("n_train", n_train), check_count("n_test", n_test)
-    classes, distractors = _check_digits(classes, distractors)
-    data_dir = _need_dir(data_dir, "mnist-patch")
-    _, train_ss, test_ss = np.random.SeedSequence(seed).spawn(3)
-    out = []
-    for train, ss, n_samples, spur in ((True, train_ss, n_train, spurious), (False, test_ss, n_test, test_spurious)):
-        images, labels = load_mnist(data_dir, train)
-        out.append(compose_digit_tiles((images / 255.0).astype(np.float32), labels, n_samples,
-                                       np.random.default_rng(ss), classes, distractors, grid, spur, hook))
-    return out[0], out[1]
+    """Binary MNIST digit-tile task: (N, 1, 112, 112) images in [0, 1] for the default grid, p = 28.
+    Arguments as `pmoe.data.digits.make_digits_patch`, except that a Spurious marker and a hook
+    see uint8 tiles (pixel units 0..255): the images are scaled to [0, 1] after composition."""
+    return _tile_task("mnist-patch", load_mnist, n_train, n_test, seed, data_dir, classes, distractors, grid,
+                      spurious, test_spurious, hook)
 
 
 def _subset(images: np.ndarray, labels: np.ndarray, count: Optional[int], rng: np.random.Generator):
@@ -75,15 +97,13 @@ def make_cifar10(
 ) -> tuple[PatchDataset, PatchDataset]:
     """Plain 10-class CIFAR-10, (N, 3, 32, 32) float32 standardised per channel; a random subset
     of n_train / n_test images (None: all 50000 / 10000).  signal_index is -1 (no planted patch)."""
+    counts = [None if c is None else check_count(name, c) for c, name in ((n_train, "n_train"), (n_test, "n_test"))]
     data_dir = _need_dir(data_dir, "cifar10")
-    _, train_ss, test_ss = np.random.SeedSequence(seed).spawn(3)
     mean = np.array(CIFAR10_MEAN, dtype=np.float32).reshape(1, 3, 1, 1)
     std = np.array(CIFAR10_STD, dtype=np.float32).reshape(1, 3, 1, 1)
     out = []
-    for train, ss, count in ((True, train_ss, n_train), (False, test_ss, n_test)):
-        if count is not None:
-            count = check_count("n_train" if train else "n_test", count)
-        images, labels = _subset(*load_cifar10(data_dir, train), count, np.random.default_rng(ss))
+    for (images, labels, rng), count in zip(_split_pools(load_cifar10, data_dir, seed), counts):
+        images, labels = _subset(images, labels, count, rng)
         x = (images.astype(np.float32) / 255.0 - mean) / std
         out.append(PatchDataset(torch.from_numpy(x), torch.from_numpy(labels),
                                 torch.full((len(labels),), -1, dtype=torch.int64), patch_size=1, num_classes=10))
@@ -108,18 +128,5 @@ def make_cifar10_patch(
     distractors).  Train tiles from the training batches, test tiles from the test batch.
     A Spurious marker and a hook see uint8 tiles (pixel units 0..255): the images are scaled
     to [0, 1] after composition."""
-    n_train, n_test = check_count("n_train", n_train), check_count("n_test", n_test)
-    classes, distractors = _check_digits(classes, distractors)  # also ids in 0..9
-    data_dir = _need_dir(data_dir, "cifar10-patch")
-    _, train_ss, test_ss = np.random.SeedSequence(seed).spawn(3)
-    out = []
-    for train, ss, n_samples, spur in ((True, train_ss, n_train, spurious), (False, test_ss, n_test, test_spurious)):
-        # compose in uint8 (the float32 copy of all 50000 images would be 600 MB), scale after
-        tiles, labels = load_cifar10(data_dir, train)
-        class_tiles = [tiles[labels == c] for c in classes]
-        distractor_tiles = tiles[np.isin(labels, distractors)]
-        ds = compose_tiles(class_tiles, distractor_tiles, n_samples, grid, np.random.default_rng(ss),
-                           spur, box_marker(3, tiles.shape[-1], 255.0), hook)
-        ds.x /= 255.0
-        out.append(ds)
-    return out[0], out[1]
+    return _tile_task("cifar10-patch", load_cifar10, n_train, n_test, seed, data_dir, classes, distractors, grid,
+                      spurious, test_spurious, hook)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import tempfile
 import time
 from typing import Callable, Optional, Sequence
 
@@ -62,6 +63,29 @@ def rate_list(text: str) -> list[float]:
     return values
 
 
+def bounded_float(low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
+                  high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] (an end excluded when *_open), so NaN,
+    Inf and out-of-range values are refused at parse time."""
+    where = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        if not math.isfinite(value) or not inside:
+            raise argparse.ArgumentTypeError(f"expected a finite number in {where}, got {text!r}")
+        return value
+
+    parse.__name__ = f"number in {where}"
+    return parse
+
+
+positive_float = bounded_float(0.0, low_open=True)
+
+
 def model_list(text: str) -> list[str]:
     """"cnn,pmoe-joint" -> ["cnn", "pmoe-joint"], each one of MODEL_SPECS (argparse type)."""
     values = [v.strip() for v in text.split(",") if v.strip()]
@@ -85,7 +109,7 @@ def add_common_arguments(p: argparse.ArgumentParser, epochs_help: str) -> None:
     p.add_argument("--epochs", type=int, default=150, help=epochs_help)
     p.add_argument("--router-epochs", type=int, default=100,
                    help="separate training: epochs of the router phase (paper: 100)")
-    p.add_argument("--lr", type=float, default=0.2, help="SGD learning rate (paper: 0.2)")
+    p.add_argument("--lr", type=positive_float, default=0.2, help="SGD learning rate (paper: 0.2)")
     p.add_argument("--batch-size", type=int, default=20, help="minibatch (paper: 20)")
     p.add_argument("--n-test", type=int, default=1000, help="held-out test images (default 1000)")
     p.add_argument("--models", type=model_list, default=list(MODEL_SPECS),
@@ -138,11 +162,47 @@ def train_paper_model(key: str, train, test, seed: int, epochs: int, router_epoc
 # ----------------------------------------------------------------------------- output
 
 def progress_bar(total: int, desc: str, progress: bool):
-    """A tqdm bar over `total` runs; with progress=True it still stays off when stderr is not a
-    terminal (tqdm's disable=None), so redirected logs hold only the result lines."""
+    """A tqdm bar over `total` runs; with progress=True it still stays off unless stdout and
+    stderr are terminals (`pmoe.train.show_progress`), so redirected logs hold only lines."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=None if progress else True, dynamic_ncols=True)
+    from ..train import show_progress
+
+    return tqdm(total=total, desc=desc, disable=not show_progress(progress), dynamic_ncols=True)
+
+
+def prepare_out_dir(path: str, option: str = "--out") -> str:
+    """Create the output directory `path` now, before any work, and check that it takes files:
+    ValueError when it (or a folder above it) is an existing file, OSError naming `option`
+    when it cannot be created or written."""
+    _no_file_above(path, option)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{option} {path} is an existing file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise OSError(f"{option} {path}: cannot write there ({e.strerror or e})") from e
+    return path
+
+
+def check_out_file(path: str, option: str = "--out") -> str:
+    """Check, before any work, that a file can be written at `path`: ValueError when it is a
+    directory or a folder above it is a file, OSError naming `option` when its folder cannot be
+    created or written."""
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a directory; give a file name (e.g. {os.path.join(path, 'routing.png')})")
+    prepare_out_dir(os.path.dirname(os.path.abspath(path)), option)
+    return path
+
+
+def _no_file_above(path: str, option: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise ValueError(f"{option} {path}: {parent} is a file, not a directory")
 
 
 

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .common import (COLORS, digit_pair, environment, mean_std, new_figure, positive_int, progress_bar, save_figure,
-                     write_json)
+from .common import (COLORS, bounded_float, digit_pair, environment, mean_std, new_figure, positive_float,
+                     positive_int, prepare_out_dir, progress_bar, save_figure, write_json)
 from .flops import model_flops
 
 NETWORKS = ("flagship-pmoe", "flagship-dense")
@@ -50,14 +50,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=12, help="epochs per network (default 12)")
     p.add_argument("--seeds", type=int, default=5, help="repetitions (default 5: one seed moves pMoE by several points)")
     p.add_argument("--seed", type=int, default=0, help="base seed (data and initialisation)")
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default 0.05)")
-    p.add_argument("--top-l", type=float, default=0.25,
+    p.add_argument("--lr", type=positive_float, default=0.05, help="peak learning rate (default 0.05)")
+    p.add_argument("--top-l", type=bounded_float(0.0, 1.0, low_open=True), default=0.25,
                    help="fraction of the patches each expert takes in every pMoE stage (default 0.25, the flagship's)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="minibatch, both networks (default 64)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a busy 2-core machine a second thread stalls the other)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is none anyway when stdout or stderr is not a terminal; "
+                        "a line per epoch is printed either way)")
 
 
 def per_image_flops(net: torch.nn.Module, x: torch.Tensor) -> dict:
@@ -70,7 +72,8 @@ def per_image_flops(net: torch.nn.Module, x: torch.Tensor) -> dict:
 def train_network(net: torch.nn.Module, train, test, epochs: int, lr: float, batch_size: int, seed: int,
                   on_epoch=None) -> dict:
     """The recipe of the module docstring; returns final test_acc, the per-epoch curve and the
-    training wall time (evaluations excluded).  on_epoch(): called after every epoch."""
+    training wall time (evaluations excluded).  on_epoch(epoch, test_acc): called after every
+    epoch (epoch counts from 1)."""
     from ..train import classification_loss, evaluate
 
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
@@ -92,8 +95,17 @@ def train_network(net: torch.nn.Module, train, test, epochs: int, lr: float, bat
         seconds += time.perf_counter() - t0
         curve.append(evaluate(net, test)["test_acc"])
         if on_epoch is not None:
-            on_epoch()
+            on_epoch(len(curve), curve[-1])
     return {"test_acc": curve[-1], "curve": curve, "train_seconds": seconds}
+
+
+def _epoch_logger(bar, prefix: str, epochs: int):
+    """on_epoch for train_network: a plain line per epoch (progress in a log too), and a bar step."""
+    def on_epoch(epoch: int, test_acc: float) -> None:
+        tqdm.write(f"{prefix} epoch {epoch:>3}/{epochs}  test {100 * test_acc:5.1f}%")
+        bar.update()
+
+    return on_epoch
 
 
 def equal_compute(classes: Sequence[int] = (3, 5), n_train: int = 2000, n_test: int = 1000, epochs: int = 12,
@@ -121,7 +133,8 @@ def equal_compute(classes: Sequence[int] = (3, 5), n_train: int = 2000, n_test: 
             if r == 0:  # on a copy: a counted training step would move the BN statistics
                 nets[name].update(per_image_flops(copy.deepcopy(net), train.x[:batch_size]))
             bar.set_postfix_str(f"rep={r} {name}")
-            res = train_network(net, train, test, epochs, lr, batch_size, run_seed, on_epoch=bar.update)
+            res = train_network(net, train, test, epochs, lr, batch_size, run_seed,
+                                on_epoch=_epoch_logger(bar, f"rep {r} {name:<15}", epochs))
             for key in ("test_acc", "curve", "train_seconds"):
                 nets[name][key].append(res[key])
             tqdm.write(f"rep {r} {name:<15} test {100 * res['test_acc']:5.1f}%  "
@@ -190,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(positive_int("--threads", args.threads))
     if not 0.0 < args.top_l <= 1.0:
         raise ValueError(f"--top-l must be a fraction in (0, 1], got {args.top_l}")
+    prepare_out_dir(args.out)
     results = equal_compute(args.classes, args.n_train, args.n_test, args.epochs, args.seeds, args.seed, args.lr,
                             args.batch_size, args.top_l, not args.no_progress)
     write_json(os.path.join(args.out, "results.json"), results)

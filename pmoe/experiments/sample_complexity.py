@@ -30,7 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .common import (COLORS, MODEL_SPECS, add_common_arguments, environment, int_list, mean_std, new_figure,
-                     positive_int, progress_bar, save_figure, set_threads, train_paper_model, write_json)
+                     positive_int, prepare_out_dir, progress_bar, save_figure, set_threads, train_paper_model,
+                     write_json)
 from .routing_metrics import discriminative_routing, format_routing, routed_layer_size
 
 DATA = ("digits-patch", "synthetic")
@@ -39,7 +40,8 @@ DATA = ("digits-patch", "synthetic")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import _key_value  # the `pmoe train` KEY=VALUE parser, shared
 
-    p.add_argument("--data", choices=DATA, default="digits-patch")
+    p.add_argument("--data", choices=DATA, default="digits-patch",
+                   help="offline dataset (default digits-patch; synthetic: the paper's data model)")
     p.add_argument("--samples", type=int_list, default=[60, 120, 240, 480],
                    help="comma-separated training-set sizes (default 60,120,240,480)")
     p.add_argument("--data-arg", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
@@ -167,6 +169,7 @@ def plot(results: dict, path: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
+    prepare_out_dir(args.out)
     if args.eval_every < 0:
         raise ValueError(f"--eval-every must be >= 0, got {args.eval_every}")
     results = sample_complexity(args.data, args.samples, args.seeds, args.seed, args.epochs, args.router_epochs,

@@ -19,14 +19,18 @@ import math
 import torch
 from torch import nn
 
-from .common import new_figure, save_figure
+from .common import check_out_file, new_figure, save_figure
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a checkpoint.pt written by `pmoe train`")
     p.add_argument("--out", default="routing.png", help="output PNG (default routing.png)")
-    p.add_argument("--images", type=int, default=4, help="how many test images (default 4)")
-    p.add_argument("--start", type=int, default=0, help="index of the first test image shown (default 0)")
+    p.add_argument("--images", type=int, default=4, help="how many test images, one row each (default 4)")
+    p.add_argument("--start", type=int, default=0,
+                   help="test images --start .. --start + --images - 1 are shown (default 0)")
+    p.add_argument("--balanced", action="store_true",
+                   help="instead, from --start on, take the first image of each class in turn, so every "
+                        "class shows")
     p.add_argument("--data-dir", default=None, help="for mnist-patch / cifar10 checkpoints: the data directory")
 
 
@@ -35,27 +39,36 @@ def load_trained(checkpoint: str, data_dir=None) -> tuple[nn.Module, object, dic
     from ..cli import FILE_DATA
     from ..data import make_dataset
     from ..models import build_model
-    from ..train import load_checkpoint
+    from ..train import load_checkpoint, load_weights
 
     ck = load_checkpoint(checkpoint)
     meta, seed = ck["config"].get("meta") or {}, ck["config"]["seed"]
     missing = {"data", "n_train", "n_test", "data_args", "model", "model_args", "training"} - set(meta)
     if missing:
         raise ValueError(f"{checkpoint} has no {sorted(missing)} in config.meta: use a checkpoint from `pmoe train`")
-    data_kw = {k: ast.literal_eval(v) for k, v in meta["data_args"].items()}
+    data_kw = _literals(checkpoint, meta["data_args"])
     if meta["data"] in FILE_DATA:
         data_kw["data_dir"] = data_dir
     _, test = make_dataset(meta["data"], meta["n_train"], meta["n_test"], seed, **data_kw)
-    overrides = {k: ast.literal_eval(v) for k, v in meta["model_args"].items()}
     model = build_model(meta["model"], test.in_channels, test.patch_size, test.num_classes, meta["training"],
-                        **overrides)
-    model.load_state_dict(ck["model"])
+                        **_literals(checkpoint, meta["model_args"]))
+    load_weights(model, ck, checkpoint)
     moe = getattr(model, "moe", None)
     if moe is None:
         raise ValueError(f"model {meta['model']!r} has no routed layer to show: train --model pmoe or wrn-pmoe")
     if meta["training"] == "separate" and ck["phase"] == "experts":
         moe.gate = "indicator"  # what train_separate left it with (not part of the state dict)
     return model.eval(), test, meta
+
+
+def _literals(checkpoint: str, reprs) -> dict:
+    """{key: value} from the {key: repr(value)} that `pmoe train` stored in the checkpoint."""
+    from ..data.files import FileFormatError
+
+    try:
+        return {k: ast.literal_eval(v) for k, v in dict(reprs).items()}
+    except (ValueError, SyntaxError, TypeError) as e:
+        raise FileFormatError(f"checkpoint {checkpoint}: its stored arguments {reprs!r} cannot be read ({e})") from e
 
 
 def grid_shape(num_patches: int, height: int, width: int) -> tuple[int, int]:
@@ -133,11 +146,15 @@ def plot_routing(model: nn.Module, test, index: list[int], path: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)  # a handful of images through a small model
+    check_out_file(args.out)
     model, test, meta = load_trained(args.checkpoint, args.data_dir)
     if args.images < 1 or args.start < 0 or args.start + args.images > len(test):
         raise ValueError(f"--start {args.start} --images {args.images} must select from the {len(test)} test images")
-    index = pick_images(test.y, args.start, args.images)
+    if args.balanced:
+        index = pick_images(test.y, args.start, args.images)
+    else:
+        index = list(range(args.start, args.start + args.images))
     plot_routing(model, test, index, args.out)
-    print(f"wrote {args.out}: {len(index)} test images of {meta['data']}, model {meta['model']} "
+    print(f"wrote {args.out}: test images {index} of {meta['data']}, model {meta['model']} "
           f"({meta['training']} training)")
     return 0

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .common import (COLORS, MODEL_SPECS, add_common_arguments, environment, mean_std, new_figure, positive_int,
-                     progress_bar, rate_list, save_figure, set_threads, train_paper_model, write_json)
+                     prepare_out_dir, progress_bar, rate_list, save_figure, set_threads, train_paper_model, write_json)
 
 DATA = ("digits-patch", "synthetic")
 MARKERS = ("box", "digit")
@@ -44,7 +44,8 @@ MARKER_POSITION = 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", choices=DATA, default="digits-patch")
+    p.add_argument("--data", choices=DATA, default="digits-patch",
+                   help="offline dataset (default digits-patch; synthetic: the paper's data model)")
     p.add_argument("--rates", type=rate_list, default=[0.5, 0.8, 0.95],
                    help="training P(marker | label 1) = 1 - P(marker | label 0), comma-separated "
                         "(default 0.5,0.8,0.95)")
@@ -179,6 +180,7 @@ def summary_table(results: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
+    prepare_out_dir(args.out)
     results = spurious(args.data, args.rates, args.n_train, args.seeds, args.seed, args.epochs, args.router_epochs,
                        args.lr, args.batch_size, args.n_test, args.models, args.marker, not args.no_progress)
     write_json(os.path.join(args.out, "results.json"), results)
