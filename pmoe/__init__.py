@@ -7,8 +7,10 @@ See docs/SPEC.md for exactly what the layer computes.
 """
 from . import functional
 from .functional import pmoe_conv2d, pmoe_conv2d_pooled, triton_available
+from .hierarchical import HierarchicalPMoE, HierarchicalRouting
 from .layers import PMoE, PMoEConv2d
 from .routing import Routing
 
-__all__ = ["PMoEConv2d", "PMoE", "Routing", "functional", "pmoe_conv2d", "pmoe_conv2d_pooled", "triton_available"]
+__all__ = ["PMoEConv2d", "PMoE", "HierarchicalPMoE", "HierarchicalRouting", "Routing", "functional", "pmoe_conv2d",
+           "pmoe_conv2d_pooled", "triton_available"]
 __version__ = "0.1.0"

@@ -34,6 +34,7 @@ COMMANDS: list[tuple[str, str, str, str]] = [
      "pmoe.experiments.spurious:add_arguments", "pmoe.experiments.spurious:run"),
     ("equal-compute", "flagship pMoE vs its dense twin: test accuracy next to counted FLOPs",
      "pmoe.experiments.equal_compute:add_arguments", "pmoe.experiments.equal_compute:run"),
+    ("text-segments", "the seed's open questions: dense vs segment pMoE vs hierarchical pMoE on text", "pmoe.experiments.text_segments:add_arguments", "pmoe.experiments.text_segments:run"),
 ]
 
 DATA_CHOICES = ("digits-patch", "synthetic", "mnist-patch", "cifar10", "cifar10-patch")

@@ -85,3 +85,56 @@ def reference_conv2d(x, router, weight, bias, patch_size, l, combine="concat", g
     k, m = weight.shape[:2]
     y, idx, g = reference_patches(xp, router, weight.reshape(k, m, -1), bias, l, combine, gate, activation)
     return y.transpose(1, 2).reshape(B, -1, H // p, W // p), idx, g
+
+
+def reference_hierarchical(x, group_router, router, weight, bias, l1, l2, combine="concat", activation="relu"):
+    """HierarchicalPMoE (SPEC §6) by loops.  x (B, G, S, d), group_router (k1, d), router (k1, k2, d),
+    weight (k1, k2, m, d), bias (k1, k2, m) or None ->
+    y (B, G, S, k1*k2*m | m), group indices (B, k1, l1), group gates (B, k1, l1),
+    segment indices (B, k1, l1, k2, l2) (within the group), segment gates (B, k1, l1, k2, l2)."""
+    B, G, S, d = x.shape
+    k1, k2, m, _ = weight.shape
+    out = k1 * k2 * m if combine == "concat" else m
+    rows = [[[x.new_zeros(out) for _ in range(S)] for _ in range(G)] for _ in range(B)]
+    gidx = torch.zeros(B, k1, l1, dtype=torch.int64)
+    sidx = torch.zeros(B, k1, l1, k2, l2, dtype=torch.int64)
+    g1_all, g2_all = [], []
+
+    def softmax(v):
+        e = torch.exp(v - v.max())
+        return e / e.sum()
+
+    for b in range(B):
+        g1_b, g2_b = [], []
+        for t in range(k1):
+            # level 1: the group summary is the mean of its S segments
+            summary = [sum(x[b, g, j] for j in range(S)) / S for g in range(G)]
+            r1 = [torch.dot(group_router[t], summary[g]) for g in range(G)]
+            groups = sorted(range(G), key=lambda g: (-r1[g].item(), g))[:l1]
+            gidx[b, t] = torch.tensor(groups)
+            g1 = softmax(torch.stack([r1[g] for g in groups]))
+            g1_b.append(g1)
+            g2_t = []
+            for i, g in enumerate(groups):
+                g2_i = []
+                for s in range(k2):
+                    r2 = [torch.dot(router[t, s], x[b, g, j]) for j in range(S)]
+                    segs = sorted(range(S), key=lambda j: (-r2[j].item(), j))[:l2]
+                    sidx[b, t, i, s] = torch.tensor(segs)
+                    g2 = softmax(torch.stack([r2[j] for j in segs]))
+                    g2_i.append(g2)
+                    for jj, j in enumerate(segs):
+                        pre = weight[t, s] @ x[b, g, j]
+                        if bias is not None:
+                            pre = pre + bias[t, s]
+                        h = g1[i] * g2[jj] * _act(activation, pre)
+                        if combine == "concat":
+                            e = t * k2 + s
+                            h = torch.cat([x.new_zeros(m * e), h, x.new_zeros(m * (k1 * k2 - e - 1))])
+                        rows[b][g][j] = rows[b][g][j] + h
+                g2_t.append(torch.stack(g2_i))
+            g2_b.append(torch.stack(g2_t))
+        g1_all.append(torch.stack(g1_b))
+        g2_all.append(torch.stack(g2_b))
+    y = torch.stack([torch.stack([torch.stack(rg) for rg in rb]) for rb in rows])
+    return y, gidx, torch.stack(g1_all), sidx, torch.stack(g2_all)
