@@ -29,14 +29,18 @@ import sys
 import time
 from typing import Callable, Iterable, Optional
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 # bench/ holds profile.py, which would shadow the stdlib `profile` (cProfile imports it, and
 # torch._dynamo imports cProfile): keep bench/ importable, but after the standard library.
 _BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH] + [_BENCH]
+from omp_wait import passive_omp_wait  # noqa: E402
+
+passive_omp_wait()  # before torch starts its OpenMP runtime (see bench/omp_wait.py)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
 from baselines import make_layer, randomize_router, to_masking, triton_usable  # noqa: E402
 from machine import machine_line  # noqa: E402
 from shapes import SHAPES  # noqa: E402

@@ -1,6 +1,7 @@
 """Suite-wide setup for `pytest bench --benchmark-only`: machine/version info in the JSON, the
-bench directory importable as plain modules (the scripts import each other that way), and an
-optional thread count (PMOE_BENCH_THREADS)."""
+bench directory importable as plain modules (the scripts import each other that way), and
+OMP_WAIT_POLICY=PASSIVE unless it is set (see omp_wait.py).  The thread counts
+(PMOE_BENCH_THREADS, default "1,2") are a parameter of the suite's tests."""
 from __future__ import annotations
 
 import os
@@ -11,14 +12,13 @@ import sys
 _BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH] + [_BENCH]
 
+from omp_wait import passive_omp_wait  # noqa: E402  (before torch starts its OpenMP runtime)
+
+passive_omp_wait()
+
 import torch  # noqa: E402
 
 from machine import machine_info  # noqa: E402
-
-# PMOE_BENCH_THREADS=1 steadies CPU timings on a shared machine (OpenMP threads otherwise stall
-# waiting for a descheduled sibling); unset, torch picks its default.
-if os.environ.get("PMOE_BENCH_THREADS"):
-    torch.set_num_threads(int(os.environ["PMOE_BENCH_THREADS"]))
 
 
 def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:  # noqa: F811
@@ -26,7 +26,10 @@ def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:  #
 
 
 def _machine() -> dict:
-    return machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    info = machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    info["loadavg"] = [round(v, 2) for v in os.getloadavg()]
+    info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
+    return info
 
 
 def pytest_report_header(config):

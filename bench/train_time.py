@@ -10,9 +10,12 @@ Data: pmoe.data's "digits-patch" (sklearn's 8x8 digits as a 4x4 tile grid, one c
 others distractors) when pmoe.data is importable, else a synthetic tensor dataset made here
 (same layout: one class tile among 15 noise tiles); the output says which.
 Backend: PMoEConv2d(backend="auto"): the torch path on CPU, the fused kernels on CUDA.
-Timing: each step ends in a synchronize on CUDA; `step ms` is the median after the warm-up
-steps; `train s to target` counts training steps only (the periodic test evaluations are
-excluded), until the first evaluation at or above the target accuracy.
+Timing: the two networks train side by side, one step of each in turn (the order alternating),
+so that both see the same machine load; each step ends in a synchronize on CUDA.  `step ms` is
+the median after the warm-up steps; the step-time ratio is the median over the steps both took
+(after the warm-up) of pMoE's step over the dense twin's; `train s to target` counts training
+steps only (the periodic test evaluations are excluded), until the first evaluation at or above
+the target accuracy.
 """
 from __future__ import annotations
 
@@ -23,13 +26,16 @@ import statistics
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-
 # bench/ holds profile.py, which would shadow the stdlib `profile` (cProfile imports it, and
 # torch._dynamo imports cProfile): keep bench/ importable, but after the standard library.
 _BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH] + [_BENCH]
+from omp_wait import passive_omp_wait  # noqa: E402
+
+passive_omp_wait()  # before torch starts its OpenMP runtime (see bench/omp_wait.py)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from machine import machine_line  # noqa: E402
 
 from pmoe.models.flagship import DEFAULT_WIDTHS, FlagshipDense, FlagshipPMoE  # noqa: E402
@@ -76,9 +82,12 @@ def accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int 
     return correct / len(x)
 
 
-def train(net, data, device, *, batch: int, lr: float, max_steps: int, eval_every: int, target: float,
-          warmup: int, seed: int, max_seconds: float = float("inf"), channels_last: bool = False) -> dict:
-    """SGD (momentum 0.9, weight decay 5e-4, constant lr), cross-entropy, reshuffled epochs drawn
+def training(net, data, device, *, batch: int, lr: float, max_steps: int, eval_every: int, target: float,
+             warmup: int, seed: int, max_seconds: float = float("inf"), channels_last: bool = False):
+    """One network's training, a step at a time: a generator that yields each step's seconds and
+    returns the result dict when it stops (at the target accuracy, max_steps or max_seconds).
+
+    SGD (momentum 0.9, weight decay 5e-4, constant lr), cross-entropy, reshuffled epochs drawn
     from one seeded generator: the same batches for every network.  channels_last: the network's
     parameters and the images in torch.channels_last (the pMoE layer's native layout)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -105,6 +114,7 @@ def train(net, data, device, *, batch: int, lr: float, max_steps: int, eval_ever
         dt = time.perf_counter() - t0
         step_s.append(dt)
         train_s += dt
+        yield dt
         if step % eval_every == 0 or step == max_steps:
             acc = accuracy(net, xte, yte)
             if reached is None and acc >= target:
@@ -121,6 +131,31 @@ def train(net, data, device, *, batch: int, lr: float, max_steps: int, eval_ever
         "train_s_total": train_s,
         "final_test_acc": acc,
     }
+
+
+def train(net, data, device, **kwargs) -> dict:
+    """training() run to its end alone: -> its result dict."""
+    return interleaved({"net": training(net, data, device, **kwargs)}, warmup=0)[0]["net"]
+
+
+def interleaved(runs: dict, warmup: int) -> tuple[dict, list]:
+    """Step every training generator in turn, one step each, the order alternating from round to
+    round, until all have stopped: the networks train side by side, so that their step times see
+    the same machine load.  -> ({name: result dict}, [(name, seconds) ...] for every round in which
+    all of them stepped, after the first `warmup` rounds)."""
+    results, rounds, names = {}, [], list(runs)
+    while len(results) < len(runs):
+        step = {}
+        for name in (names if len(rounds) % 2 == 0 else names[::-1]):
+            if name in results:
+                continue
+            try:
+                step[name] = next(runs[name])
+            except StopIteration as stop:
+                results[name] = stop.value
+        rounds.append(step)
+    paired = [r for r in rounds[warmup:] if len(r) == len(runs)]
+    return results, paired
 
 
 def main(argv=None) -> int:
@@ -150,20 +185,25 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     *data, source = load_data(args.n_train, args.n_test, args.seed)
-    rows = []
+    runs = {}
     for name, cls in (("flagship-pmoe", FlagshipPMoE), ("flagship-dense", FlagshipDense)):
         torch.manual_seed(args.seed)
         net = cls(in_channels=1, num_classes=2, widths=args.widths)
-        res = train(net, data, device, batch=args.batch, lr=args.lr, max_steps=args.max_steps,
-                    eval_every=args.eval_every, target=args.target, warmup=args.warmup, seed=args.seed,
-                    max_seconds=args.max_seconds, channels_last=args.channels_last)
-        rows.append({"name": name, "data": source, "device": str(device), "batch": args.batch,
-                     "memory_format": "channels_last" if args.channels_last else "nchw",
-                     "target_acc": args.target, **res})
+        runs[name] = training(net, data, device, batch=args.batch, lr=args.lr, max_steps=args.max_steps,
+                              eval_every=args.eval_every, target=args.target, warmup=args.warmup, seed=args.seed,
+                              max_seconds=args.max_seconds, channels_last=args.channels_last)
+    results, paired = interleaved(runs, args.warmup)
+    ratio = statistics.median(r["flagship-pmoe"] / r["flagship-dense"] for r in paired) if paired else None
+    rows = [{"name": name, "data": source, "device": str(device), "batch": args.batch,
+             "memory_format": "channels_last" if args.channels_last else "nchw", "target_acc": args.target,
+             "threads": torch.get_num_threads(), "loadavg_1min": round(os.getloadavg()[0], 2),
+             "paired_steps": len(paired), "paired_step_ratio": ratio, **results[name]} for name in runs]
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     print(machine_line(device))
+    print(f"# OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')} (bench/omp_wait.py); "
+          f"1-min load average {os.getloadavg()[0]:.1f} at the end")
     print(f"# data: {source}, {args.n_train} train / {args.n_test} test; SGD lr {args.lr} momentum 0.9, "
           f"batch {args.batch}, target test accuracy {args.target}, "
           f"{'channels-last' if args.channels_last else 'NCHW'}")
@@ -174,7 +214,11 @@ def main(argv=None) -> int:
         print(f"| {r['name']} | {r['step_ms']:.2f} | {fmt(r['steps_to_target'], 'd')} | "
               f"{fmt(r['train_s_to_target'], '.2f')} | {r['final_test_acc']:.3f} | {r['steps_run']} |")
     p, d = rows
-    print(f"# pMoE / dense: step time {p['step_ms'] / d['step_ms']:.2f}x", end="")
+    if p["paired_step_ratio"] is not None:
+        print(f"# pMoE / dense: step time {p['paired_step_ratio']:.2f}x (median over {p['paired_steps']} "
+              f"steps taken side by side; medians' ratio {p['step_ms'] / d['step_ms']:.2f}x)", end="")
+    else:
+        print(f"# pMoE / dense: step time {p['step_ms'] / d['step_ms']:.2f}x", end="")
     if p["train_s_to_target"] and d["train_s_to_target"]:
         print(f", wall time to target {p['train_s_to_target'] / d['train_s_to_target']:.2f}x", end="")
     print(" (>1 means pMoE is slower on this machine)")

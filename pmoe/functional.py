@@ -20,8 +20,7 @@ import torch
 
 from .activations import ACTIVATIONS
 from .routing import GATES, Routing, resolve_top_l
-from .torch_backend import (autocast_dtype, features_hwc, patches_from_map, patches_from_map_hwc,
-                            pmoe_patches_pooled_torch, pmoe_patches_torch)
+from .torch_backend import autocast_dtype, patches_from_map_hwc, pmoe_patches_pooled_torch, pmoe_patches_torch
 
 BACKENDS = ("auto", "torch", "triton")
 COMBINES = ("concat", "sum")
@@ -148,20 +147,15 @@ def _run(
             x_map = xp.transpose(1, 2).unsqueeze(2)
         fused = pmoe_fused_pooled if pooled else pmoe_fused
         return fused(x_map, p, router, weight2d, bias, l, combine, gate, activation, deterministic)
+    cp = None
     if xp is None:
-        B, C = x_map.shape[:2]
-        n, (k, m) = (x_map.shape[2] // p) * (x_map.shape[3] // p), weight2d.shape[:2]
-        if p > 1 and B * n >= 2 * k * (m + 1):
-            # Order each patch's features (p, p, C), and the parameters with it: the same dot
-            # products, but the patch copy moves C-long runs, about 5x faster on CPU than the
-            # unfold order's p-long runs.  The parameters' permuted copies cost k*(m+1) rows
-            # of that slow kind, so this pays when there are more patch rows than that.
-            xp = patches_from_map_hwc(x_map, p)
-            router, weight2d = features_hwc(router, C, p), features_hwc(weight2d, C, p)
-        else:
-            xp = patches_from_map(x_map, p)
+        # Each patch's features in (p, p, C) order (the parameters follow inside the path): the
+        # same dot products, but the patch copy moves C-long runs (of the NHWC view), several
+        # times faster on CPU than the unfold order's p-long runs.  Decided by C and p alone.
+        cp = (x_map.shape[1], p)
+        xp = patches_from_map_hwc(x_map, p)
     path = pmoe_patches_pooled_torch if pooled else pmoe_patches_torch
-    return path(xp, router, weight2d, bias, l, combine, gate, activation, deterministic)
+    return path(xp, router, weight2d, bias, l, combine, gate, activation, cp, deterministic)
 
 
 def _check_conv2d(x, router, weight, bias, patch_size, top_l, combine, gate, activation, backend):

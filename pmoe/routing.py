@@ -45,11 +45,31 @@ def resolve_top_l(top_l: Union[int, float], n: int) -> int:
 def select_top_l(scores: torch.Tensor, l: int) -> torch.Tensor:
     """Indices of the ``l`` largest scores along the last dim, best first.
 
-    scores: (..., n) -> (..., l) int64.  Ties go to the lower patch index (a stable descending
-    sort keeps equal scores in index order).  NaN ranks above +inf (torch's sort order), so a
-    NaN image still yields indices in [0, n); -0.0 and +0.0 are equal.
+    scores: (..., n) -> (..., l) int64.  Ties go to the lower patch index.  NaN ranks above
+    +inf (torch's sort order), so a NaN image still yields indices in [0, n); -0.0 and +0.0 are
+    equal.  A stable descending sort (it keeps equal scores in index order); for n >= 32 and the
+    float dtypes narrower than float64, the top-k of unique integer keys (_order_keys) instead,
+    two to three times faster on CPU, with the same result.
     """
-    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :l]
+    if scores.dtype == torch.float64 or scores.shape[-1] < _TOPK_MIN_N:
+        return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :l]
+    return torch.topk(_order_keys(scores), l, dim=-1).indices
+
+
+_TOPK_MIN_N = 32  # below this the keys' dozen small ops cost more than the sort they replace
+_NAN_KEY = torch.iinfo(torch.int32).max
+
+
+def _order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """(..., n) float32/bfloat16/float16 scores -> (..., n) int64 keys, all distinct, whose
+    descending order is the selection order: the high 32 bits are the float32 value's bits made
+    monotone (flip the magnitude bits of negatives; -0.0 made +0.0; every NaN the largest key),
+    the low 32 bits n-1-j, so that of equal scores the lower index ranks higher."""
+    n = scores.shape[-1]
+    s = torch.where(scores == 0, 0.0, scores.float())  # exact for bf16/f16; -0.0 -> +0.0
+    bits = s.view(torch.int32)
+    bits = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).masked_fill_(s.isnan(), _NAN_KEY)
+    return (bits.long() << 32) | (n - 1 - torch.arange(n, device=scores.device))
 
 
 def gates_from_scores(scores: torch.Tensor, selected_scores: torch.Tensor, gate: str) -> torch.Tensor:

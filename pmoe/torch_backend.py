@@ -1,24 +1,43 @@
 """The vectorised PyTorch path: the CPU implementation and the baseline the kernels must beat.
 
-One matmul for all routing scores, one sort for the selection, one gather of the chosen rows,
-one batched matmul for all experts, one scatter into the output (or, pooled, one sum over the
-chosen rows).  No Python loop over images, experts or patches; autograd gives the backward.
+Forward: the patch rows (one copy of the input, in (p, p, C) feature order; none for a
+channels-last input with p = 1), one batched matmul for all routing scores, one top-k (or sort)
+for the selection, then each expert's GEMM over its B*l chosen rows of the whole batch, gathered
+with one index_select, and one scatter of the gated results into the output (pooled: one sum
+over the chosen rows).  No Python loop over images or patches.  On CPU (float32, bfloat16,
+m >= 32) the experts run one at a time as oneDNN 1x1 convolutions, whose AVX-512 kernels run on
+every x86 vendor (MKL's sgemm, behind bmm, falls back to slower code on some), each expert's
+gathered rows used while in cache; otherwise all experts run in one bmm.
+
+Backward: a custom autograd.Function (_RoutedExperts) with a hand-written backward.  It keeps the
+patch rows, the chosen rows' numbers, the gates and the experts' pre-activations (B*k*l*m
+values); the gathered rows (B*k*l*d) are gathered again instead of kept.  The gate's gradient
+reaches the scores only at the chosen patches, so the router's share of the input gradient is
+added to each expert's row gradients before their one index_add into the input gradient, and
+the router's gradient is a sum over the chosen rows: no (B*n, d) matmul for the routing backward
+("softmax_all" also has a gradient through its normaliser, over all n scores: that part stays
+with autograd).  A gradient that arrives in NCHW memory (an NCHW network copied the output) is
+gathered from where it lies instead of being transposed first.  Double backward recomputes the
+layer with differentiable ops (_composite) and differentiates that.
+
+Nothing depends on the batch size but tensor shapes, so torch.export holds for a dynamic batch.
 
 Profiling (pmoe.profiling, off by default): the forward phases run inside ranges pmoe.scores,
-pmoe.select, pmoe.experts, pmoe.combine (pmoe.pool); in backward, node hooks put each phase's
-autograd nodes inside pmoe.backward.<phase> (see _backward_ranges).  Off, nothing is hooked and
-each range is the shared no-op.
+pmoe.select, pmoe.experts, pmoe.combine (pmoe.pool); the backward runs inside
+pmoe.backward.<phase>, the autograd nodes of the routing normaliser through node hooks (see
+_backward_ranges).  Off, nothing is hooked and each range is the shared no-op.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import profiling
 from .activations import get_activation
 from .profiling import nvtx_range
-from .routing import Routing, gates_from_scores, select_top_l
+from .routing import Routing, select_top_l
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -45,8 +64,10 @@ def routing_scores(xp: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
     if autocast_dtype(xp.device.type) is not None:
         dt = torch.promote_types(xp.dtype, router.dtype)
         with torch.autocast(xp.device.type, enabled=False):
-            return torch.matmul(xp.to(dt), router.to(dt).t()).transpose(1, 2)
-    return torch.matmul(xp, router.t()).transpose(1, 2)
+            return torch.matmul(router.to(dt), xp.to(dt).transpose(1, 2))
+    # router @ xp^T: (B, k, n) comes out contiguous for the selection, and with the k router rows
+    # as the GEMM's short side it is the faster orientation on CPU
+    return torch.matmul(router, xp.transpose(1, 2))
 
 
 def patches_from_map(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -60,8 +81,9 @@ def patches_from_map(x: torch.Tensor, p: int) -> torch.Tensor:
 def patches_from_map_hwc(x: torch.Tensor, p: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, n, p*p*C): the windows of patches_from_map with each one's features in
     (p, p, C) order.  The copy then moves runs of C contiguous channels (of the NHWC view)
-    instead of runs of p pixels: 5-6x faster on CPU for p = 2 (7.8 -> 1.3 ms at 64x16x32x32).
-    Use with features_hwc on the router and weights: dot products do not depend on the order."""
+    instead of runs of p pixels, several times faster on CPU for small p; no copy at all for a
+    channels-last x with p = 1.  Use with features_hwc on the router and weights: dot products do
+    not depend on the order."""
     B, C, H, W = x.shape
     hp, wp = H // p, W // p
     return x.permute(0, 2, 3, 1).reshape(B, hp, p, wp, p, C).permute(0, 1, 3, 2, 4, 5).reshape(B, hp * wp, p * p * C)
@@ -69,14 +91,14 @@ def patches_from_map_hwc(x: torch.Tensor, p: int) -> torch.Tensor:
 
 def features_hwc(t: torch.Tensor, C: int, p: int) -> torch.Tensor:
     """(..., C*p*p) in unfold order -> (..., p*p*C), the order of patches_from_map_hwc.
-    Differentiable; a no-op for p = 1, where the two orders coincide."""
-    if p == 1:
+    Differentiable; a no-op for p = 1 or C = 1, where the two orders coincide."""
+    if p == 1 or C == 1:
         return t
     return t.unflatten(-1, (C, p, p)).movedim(-3, -1).flatten(-3)
 
 
 def gather_rows(x2d: torch.Tensor, rows: torch.Tensor, per_expert: bool = False) -> torch.Tensor:
-    """(N, d) rows picked by (k, R) row numbers -> (k, R, d).
+    """(N, d) rows picked by (k, R) row numbers -> (k, R, d), differentiable (used by _composite).
 
     One index_select by default.  Its backward adds into the input gradient with index_add, and
     a patch taken by several experts is a repeated row: on CUDA that is a race between atomics,
@@ -101,7 +123,7 @@ def _backward_ranges(outputs: list, inputs: list, name: str) -> None:
     interleaves other nodes; a phase of several nodes shows as several adjacent ranges of one
     name.  The walk stops at the inputs' nodes and at leaves (AccumulateGrad)."""
     stop = {t.grad_fn for t in inputs if t is not None and t.grad_fn is not None}
-    todo = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    todo = [t.grad_fn for t in outputs if t is not None and t.grad_fn is not None]
     seen = set()
     while todo:
         node = todo.pop()
@@ -128,41 +150,398 @@ def _hook_range(node, name: str) -> None:
     node.register_hook(post)
 
 
-def gated_experts(xp: torch.Tensor, router: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  l: int, gate: str, activation: str, deterministic: bool = False):
-    """Scores, selection, gates and the experts on their chosen patches: the layer up to combine.
+# ---------------------------------------------------------------- the expert GEMMs
 
-    xp: (B, n, d); router: (k, d); weight: (k, m, d); bias: (k, m) or None.
-    Returns h (k, B*l, m) = G * act(W_s x_j + b_s) with rows in (expert, image, rank) order,
-    rows (k, B*l) int64: the chosen patches' row numbers in xp viewed as (B*n, d), and the Routing.
+
+_MKLDNN = torch.backends.mkldnn.is_available()  # read once: torch.compile cannot trace the query
+_ONEDNN_MIN_M = 32  # oneDNN's 1x1 kernels block output channels by 16 to 64
+_ONEDNN_MIN_WEIGHT = 32768  # d*m per expert: below it, oneDNN's setup per call outweighs its speed
+
+
+def _onednn(t: torch.Tensor, m: int, d: int) -> bool:
+    """Whether the expert GEMMs on t, (d -> m) each, run one expert at a time as 1x1 convolutions
+    (oneDNN) rather than all at once as one bmm.  On CPU oneDNN keeps AVX-512 kernels on every
+    x86 vendor, where MKL's sgemm may not; for small GEMMs its setup per call, and the per-expert
+    ops around it, cost more than it saves (measured here: m = 20 and m = 64 with d = 128 run
+    faster as one bmm, m >= 128 with d >= 640 about 1.3-2x faster as convolutions).  Decided by
+    device, dtype and the parameter shapes only, never by the batch, so that an exported graph
+    holds for every batch size."""
+    return (_MKLDNN and t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
+            and m >= _ONEDNN_MIN_M and d * m >= _ONEDNN_MIN_WEIGHT)
+
+
+def _as_nhwc(rows: torch.Tensor, l: int) -> torch.Tensor:
+    """(R, c) rows, R = B*l, as a channels-last (B, c, l, 1) map: the same memory, no copy.  One
+    image per batch entry is the blocking oneDNN's 1x1 kernels run fastest with."""
+    R, c = rows.shape
+    return rows.view(R // l, l, 1, c).permute(0, 3, 1, 2)
+
+
+def expert_gemm(xg: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], l: int) -> torch.Tensor:
+    """A block of kb experts' GEMMs over their rows of the whole batch: xg (kb, R, d) gathered
+    rows (R = B*l), w (kb, m, d), b (kb, m) or None -> pre-activations (kb, R, m) = xg @ w^T + b.
+    One bmm; a 1x1 convolution for a one-expert block on the oneDNN route."""
+    kb, R, _ = xg.shape
+    m = w.shape[1]
+    if kb == 1 and _onednn(xg, m, xg.shape[2]):
+        out = F.conv2d(_as_nhwc(xg[0], l), w[0].view(m, -1, 1, 1), None if b is None else b[0])
+        return out.permute(0, 2, 3, 1).reshape(1, R, m)
+    wt = w.transpose(1, 2)
+    return torch.bmm(xg, wt) if b is None else torch.baddbmm(b.unsqueeze(1), xg, wt)
+
+
+def expert_gemm_backward(dpre: torch.Tensor, xg: Optional[torch.Tensor], w: torch.Tensor, l: int, need_dx: bool,
+                         need_dw: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The gradients of expert_gemm's products: dpre (kb, R, m) -> (d xg (kb, R, d), d w (kb, m, d)),
+    each None where not needed.  xg is read for d w only (None otherwise)."""
+    kb, R, m = dpre.shape
+    if not (kb == 1 and _onednn(dpre, m, w.shape[2])):
+        return (torch.bmm(dpre, w) if need_dx else None), (torch.bmm(dpre.transpose(1, 2), xg) if need_dw else None)
+    x = xg[0] if need_dw else dpre.new_empty(R, w.shape[2])  # dgrad alone reads only the shape
+    dx, dw, _ = torch.ops.aten.convolution_backward(
+        _as_nhwc(dpre[0], l), _as_nhwc(x, l), w[0].view(m, -1, 1, 1), None, [1, 1], [0, 0], [1, 1], False,
+        [0, 0], 1, [need_dx, need_dw, False])
+    dx = dx.permute(0, 2, 3, 1).reshape(1, R, w.shape[2]) if need_dx else None
+    return dx, (dw.view(w.shape) if need_dw else None)
+
+
+# ---------------------------------------------------------------- gates, activations, combine
+
+
+def _gates(sel: torch.Tensor, lse: Optional[torch.Tensor], gate: str) -> torch.Tensor:
+    """Gates of the chosen patches from their scores sel (B, k, l) (SPEC §1; as
+    routing.gates_from_scores, with the log-sum-exp of all n scores given for softmax_all)."""
+    if gate == "softmax":
+        return torch.softmax(sel, dim=-1)
+    if gate == "indicator":
+        return torch.ones_like(sel)
+    return torch.exp(sel - lse.unsqueeze(-1))
+
+
+def _gates_backward(dg: torch.Tensor, g: torch.Tensor, gate: str):
+    """dg, g (B, kb, l) -> (d sel (B, kb, l) or None, d lse (B, kb) or None)."""
+    if gate == "softmax":
+        return g * (dg - (g * dg).sum(-1, keepdim=True)), None
+    if gate == "softmax_all":
+        gdg = g * dg
+        return gdg, -gdg.sum(-1)
+    return None, None
+
+
+def _act_backward(activation: str, grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """d act(pre) / d pre applied to grad, by the same kernels autograd uses."""
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad, pre, 0)
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad, pre)
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad, pre)
+    return grad
+
+
+def _add_rows(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, deterministic: bool) -> None:
+    """dst[rows] += src, repeated rows summed.  deterministic: by index_put_ with accumulate, which
+    has a deterministic implementation on every device (CUDA's index_add_ uses atomics, and the
+    global deterministic flag refuses it there)."""
+    if deterministic:
+        dst.index_put_((rows,), src, accumulate=True)
+    else:
+        dst.index_add_(0, rows, src)
+
+
+def _slots(rows: torch.Tensor, s0: int, k: int) -> torch.Tensor:
+    """(kb, R) patch rows of experts s0.. -> their rows in the concat output viewed as (N*k, m)."""
+    return rows * k + torch.arange(s0, s0 + rows.shape[0], device=rows.device).view(-1, 1)
+
+
+def _new_output(h_like: torch.Tensor, N: int, B: int, k: int, m: int, o) -> torch.Tensor:
+    """The buffer _put fills: unchosen rows of the map must read 0, the pooled forms are sums."""
+    if o.pooled:
+        return h_like.new_empty(B, k, m) if o.combine == "concat" else h_like.new_zeros(B, m)
+    return h_like.new_zeros(N * k, m) if o.combine == "concat" else h_like.new_zeros(N, m)
+
+
+def _put(y: torch.Tensor, h: torch.Tensor, rows: torch.Tensor, s0: int, k: int, o) -> None:
+    """Place a block of experts s0.. into the output buffer: h (kb, R, m) gated rows, rows (kb, R)."""
+    kb, R, m = h.shape
+    if o.pooled:
+        per_expert = h.view(kb, R // o.l, o.l, m).sum(2)  # (kb, B, m)
+        if o.combine == "concat":
+            y[:, s0:s0 + kb].copy_(per_expert.transpose(0, 1))
+        else:
+            y.add_(per_expert.sum(0))
+    elif o.combine == "concat":  # (patch, expert) pairs are unique: a copy places each row
+        y.index_copy_(0, _slots(rows, s0, k).view(-1), h.view(-1, m))
+    else:
+        _add_rows(y, rows.reshape(-1), h.view(-1, m), o.deterministic)
+
+
+def _finish(y: torch.Tensor, B: int, k: int, m: int, o) -> torch.Tensor:
+    """The filled buffer as the layer's output: (B, n, k*m) / (B, n, m), pooled (B, k*m) / (B, m)."""
+    out = k * m if o.combine == "concat" else m
+    return y.view(B, out) if o.pooled else y.view(B, o.n, out)
+
+
+def _take(dy: torch.Tensor, rows: torch.Tensor, s0: int, k: int, o) -> torch.Tensor:
+    """The gradient of _put with respect to h: dy (the output's shape) -> (kb, R, m)."""
+    kb, R = rows.shape
+    B = R // o.l
+    m = dy.shape[-1] // k if o.combine == "concat" else dy.shape[-1]
+    if o.pooled:
+        per_expert = (dy.view(B, k, m)[:, s0:s0 + kb].transpose(0, 1) if o.combine == "concat"
+                      else dy.view(1, B, m).expand(kb, B, m))
+        return per_expert.unsqueeze(2).expand(kb, B, o.l, m).reshape(kb, R, m)
+    if not dy.is_contiguous() and dy.transpose(1, 2).is_contiguous():
+        return _take_from_map(dy, rows, s0, k, m, o)
+    slots = _slots(rows, s0, k) if o.combine == "concat" else rows
+    return dy.reshape(-1, m).index_select(0, slots.reshape(-1)).view(kb, R, m)
+
+
+def _take_from_map(dy: torch.Tensor, rows: torch.Tensor, s0: int, k: int, m: int, o) -> torch.Tensor:
+    """_take for a dy (B, n, out) whose memory is (B, out, n), the gradient an NCHW network sends
+    back: gather along n from each channel's row, instead of first transposing all of dy (the
+    slow, strided kind of copy) to gather rows."""
+    kb, R = rows.shape
+    B, n = dy.shape[:2]
+    J = (rows.view(kb, B, o.l) - torch.arange(0, B * n, n, device=rows.device).view(1, B, 1)).transpose(0, 1)
+    src = dy.transpose(1, 2)  # (B, out, n), contiguous
+    if o.combine == "concat":
+        got = torch.gather(src.view(B, k, m, n)[:, s0:s0 + kb], 3, J.unsqueeze(2).expand(B, kb, m, o.l))
+    else:
+        got = torch.gather(src, 2, J.reshape(B, 1, kb * o.l).expand(B, m, kb * o.l)).view(B, m, kb, o.l).transpose(1, 2)
+    return got.permute(1, 0, 3, 2).reshape(kb, R, m)  # (B, kb, m, l) -> (kb, B*l, m)
+
+
+def _patch_rows(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, k, l) chosen patch numbers -> (k, B*l) their row numbers in the (B*n, d) patch rows,
+    grouped by expert (each expert's GEMM reads one contiguous block of the gathered rows)."""
+    B, k, l = idx.shape
+    rows = idx + torch.arange(0, B * n, n, device=idx.device).view(B, 1, 1)
+    return rows.transpose(0, 1).contiguous().view(k, B * l)
+
+
+# ---------------------------------------------------------------- the routed experts
+
+
+def _compute_dtype(xr: torch.Tensor) -> torch.dtype:
+    """The experts' dtype: the autocast dtype when autocast is on, else the input's."""
+    return autocast_dtype(xr.device.type) or xr.dtype
+
+
+class _Opts(NamedTuple):
+    """The static options of one call.  cp: (C, p) when the patch rows hold each patch's features
+    in (p, p, C) order (patches_from_map_hwc) while router and weight are in unfold order, which
+    the routed experts then permute themselves (and their gradients back), so that no permuted
+    copy of a parameter is kept for backward; None when all are in one order."""
+
+    n: int
+    l: int
+    combine: str
+    gate: str
+    activation: str
+    pooled: bool
+    deterministic: bool
+    cp: Optional[tuple[int, int]]
+
+
+def _ordered(t: torch.Tensor, cp: Optional[tuple[int, int]]) -> torch.Tensor:
+    """A parameter in the patch rows' feature order (see _Opts.cp)."""
+    return t if cp is None else features_hwc(t, *cp)
+
+
+def _unordered(t: torch.Tensor, cp: Optional[tuple[int, int]]) -> torch.Tensor:
+    """The inverse of _ordered: (..., p*p*C) -> (..., C*p*p)."""
+    if cp is None or cp[0] == 1 or cp[1] == 1:
+        return t
+    C, p = cp
+    return t.unflatten(-1, (p, p, C)).movedim(-1, -3).flatten(-3)
+
+
+def _blocks(t: torch.Tensor, k: int, m: int, d: int) -> list:
+    """The experts in the blocks their GEMMs run in: one at a time on the oneDNN route (each
+    expert's gathered rows, 1/k of the total, are used while they are still in cache and freed
+    before the next expert's), else all k in one bmm."""
+    return [(s, s + 1) for s in range(k)] if _onednn(t, m, d) else [(0, k)]
+
+
+class _RoutedExperts(torch.autograd.Function):
+    """Gates, expert GEMMs and combine for a given selection: (xr, router, weight, bias, sel, lse)
+    -> (the layer's output, gates (B, k, l)).
+
+    xr (B*n, d) patch rows; router (k, d); weight (k, m, d); bias (k, m) or None; sel (B, k, l)
+    the chosen scores (values only: their gradient reaches xr and router here, as <w_s, x_j>);
+    lse (B, k) the log-sum-exp of all scores for "softmax_all" (its gradient goes back through
+    autograd), else None; idx (B, k, l) the chosen patch numbers; opts the _Opts.
+    Saved for backward: xr, the parameters, gates, row numbers, lse and the pre-activations
+    (B*k*l*m values); the gathered rows (B*k*l*d) are gathered again.
     """
-    B, n, d = xp.shape
-    k, m, _ = weight.shape
-    act = get_activation(activation)
 
+    @staticmethod
+    def forward(ctx, xr, router, weight, bias, sel, lse, idx, opts):
+        y, g, rows, pres = _experts_forward(xr, weight, bias, sel, lse, idx, opts)
+        ctx.save_for_backward(xr, router, weight, bias, g, rows, lse, *pres)
+        ctx.opts = opts
+        ctx.mark_non_differentiable(g)
+        return y, g
+
+    @staticmethod
+    def backward(ctx, dy, _dgates):
+        xr, router, weight, bias, g, rows, lse, *pres = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiate a differentiable recomputation
+            return _composite_backward(ctx, dy, xr, router, weight, bias, lse, rows)
+        dx, dr, dw, db, dlse = _experts_backward(dy, xr, router, weight, bias, g, rows, pres, ctx.opts,
+                                                 ctx.needs_input_grad[:4])
+        return dx, dr, dw, db, None, dlse, None, None
+
+
+def _experts_forward(xr, weight, bias, sel, lse, idx, o: _Opts):
+    """_RoutedExperts' forward: -> (output, gates (B, k, l), rows (k, B*l), pre-activations: one
+    (kb, B*l, m) tensor per block of experts)."""
+    B, k, l = idx.shape
+    N, R, m = xr.shape[0], B * l, weight.shape[1]
+    g = _gates(sel, lse, o.gate)
+    rows = _patch_rows(idx, o.n)
+    cdt = _compute_dtype(xr)
+    w = _ordered(weight, o.cp).to(cdt)
+    b = None if bias is None else bias.to(cdt)
+    gk = g.transpose(0, 1).reshape(k, R, 1).to(cdt)
+    act = get_activation(o.activation)
+    y, pres = None, []
+    for s0, s1 in _blocks(w, k, m, w.shape[2]):
+        with nvtx_range("pmoe.experts"):
+            xg = xr.index_select(0, rows[s0:s1].reshape(-1)).view(s1 - s0, R, xr.shape[1]).to(cdt)
+            pre = expert_gemm(xg, w[s0:s1], None if b is None else b[s0:s1], l)
+            h = act(pre) * gk[s0:s1]
+        with nvtx_range("pmoe.pool" if o.pooled else "pmoe.combine"):
+            y = _new_output(h, N, B, k, m, o) if y is None else y
+            _put(y, h, rows[s0:s1], s0, k, o)
+        pres.append(pre)
+    return _finish(y, B, k, m, o), g, rows, pres
+
+
+def _experts_backward(dy, xr, router, weight, bias, g, rows, pres, o: _Opts, needs):
+    """_RoutedExperts' backward, block by block: -> (d xr, d router, d weight, d bias, d lse),
+    None where not needed."""
+    need_x, need_r, need_w, need_b = needs
+    need_r = need_r and o.gate != "indicator"
+    k = rows.shape[0]
+    cdt = pres[0].dtype
+    acc = torch.promote_types(xr.dtype, router.dtype)
+    w, r_o = _ordered(weight, o.cp).to(cdt), _ordered(router, o.cp).to(acc)
+    dy = dy.to(cdt)
+    dx = xr.new_zeros(xr.shape, dtype=acc) if need_x else None
+    parts = []  # per block: (d router, d weight, d bias, d lse)
+    for (s0, s1), pre in zip(_blocks(pres[0], k, w.shape[1], w.shape[2]), pres):
+        parts.append(_block_backward(dy, xr, r_o[s0:s1], w[s0:s1], pre, g[:, s0:s1], rows[s0:s1], s0, k, o, dx,
+                                     need_r, need_w, need_b))
+    dr, dw, db, dlse = zip(*parts)
+    return (None if dx is None else dx.to(xr.dtype),
+            _unordered(torch.cat(dr), o.cp).to(router.dtype) if need_r else None,
+            _unordered(torch.cat(dw), o.cp).to(weight.dtype) if need_w else None,
+            torch.cat(db).to(bias.dtype) if need_b else None,
+            torch.cat(dlse, 1) if o.gate == "softmax_all" else None)
+
+
+def _block_backward(dy, xr, router, w, pre, g, rows, s0, k, o: _Opts, dx, need_r, need_w, need_b):
+    """One block of experts s0.. (router, w, pre, g, rows their slices): adds its share to dx (in
+    place, when dx is given) -> (d router, d weight, d bias, d lse), None where not needed.  The
+    gathered rows are gathered again; the router's share of d xr (d sel times w_s, at the chosen
+    rows only) is added to the block's row gradients before their one index_add."""
+    kb, R = rows.shape
+    with nvtx_range("pmoe.backward.pool" if o.pooled else "pmoe.backward.combine"):
+        dh = _take(dy, rows, s0, k, o)
+    with nvtx_range("pmoe.backward.select"):
+        dpre, dsel, dlse = _gated_act_backward(dh, pre, g, o.gate, o.activation)
+    with nvtx_range("pmoe.backward.experts"):
+        xg = xr.index_select(0, rows.reshape(-1)).view(kb, R, xr.shape[1]) if (need_w or need_r) else None
+        dxg, dw = expert_gemm_backward(dpre, None if xg is None else xg.to(pre.dtype), w, o.l, dx is not None, need_w)
+    dr = None
+    with nvtx_range("pmoe.backward.scores"):
+        dsel = None if dsel is None else dsel.transpose(0, 1).reshape(kb, R, 1).to(router.dtype)
+        if dx is not None:
+            dxg = dxg.to(dx.dtype)
+            if dsel is not None:
+                dxg = dxg.baddbmm_(dsel, router.unsqueeze(1))
+            _add_rows(dx, rows.reshape(-1), dxg.view(-1, dx.shape[1]), o.deterministic)
+        if need_r:
+            dr = torch.bmm(dsel.transpose(1, 2), xg.to(router.dtype)).squeeze(1)
+    return dr, dw, (dpre.sum(1) if need_b else None), dlse
+
+
+def _gated_act_backward(dh, pre, g, gate, activation):
+    """From d h (kb, R, m), h = act(pre) * gate, g (B, kb, l): -> (d pre (kb, R, m), d sel
+    (B, kb, l) or None, d lse (B, kb) or None)."""
+    kb, R, _ = pre.shape
+    B, _, l = g.shape
+    dsel = dlse = None
+    if gate != "indicator":
+        dg = (dh * get_activation(activation)(pre)).sum(-1).view(kb, B, l).transpose(0, 1)
+        dsel, dlse = _gates_backward(dg.to(g.dtype), g, gate)
+    dpre = _act_backward(activation, dh * g.transpose(0, 1).reshape(kb, R, 1).to(dh.dtype), pre)
+    return dpre, dsel, dlse
+
+
+def _composite(xr, router, weight, bias, lse, rows, o: _Opts):
+    """_RoutedExperts' forward in differentiable ops, selection given by rows (k, B*l): what
+    double backward differentiates.  -> the layer's output."""
+    k, R = rows.shape
+    xg = gather_rows(xr, rows, per_expert=o.deterministic)  # (k, R, d)
+    router, weight = _ordered(router, o.cp), _ordered(weight, o.cp)
+    sel = (xg * router.to(xg.dtype).unsqueeze(1)).sum(-1).view(k, R // o.l, o.l).transpose(0, 1)
+    g = _gates(sel, lse, o.gate)
+    cdt = _compute_dtype(xr)
+    pre = torch.bmm(xg.to(cdt), weight.to(cdt).transpose(1, 2))
+    if bias is not None:
+        pre = pre + bias.to(cdt).unsqueeze(1)
+    h = get_activation(o.activation)(pre) * g.transpose(0, 1).reshape(k, R, 1).to(cdt)
+    B, m = R // o.l, h.shape[2]
+    y = _new_output(h, xr.shape[0], B, k, m, o)
+    _put(y, h, rows, 0, k, o)
+    return _finish(y, B, k, m, o)
+
+
+def _composite_backward(ctx, dy, xr, router, weight, bias, lse, rows):
+    """Backward with create_graph=True: the gradients of _composite, themselves differentiable."""
+    inputs = (xr, router, weight, bias, None, lse)
+    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need and t is not None]
+    y = _composite(xr, router, weight, bias, lse, rows, ctx.opts)
+    grads = iter(torch.autograd.grad(y, wanted, dy, allow_unused=True, create_graph=True))
+    out = [next(grads) if need and t is not None else None for t, need in zip(inputs, ctx.needs_input_grad)]
+    return (*out, None, None)
+
+
+# ---------------------------------------------------------------- the layer
+
+
+def _route(xp: torch.Tensor, router: torch.Tensor, l: int, gate: str):
+    """Scores, selection and what the gates need: -> scores (B, k, n), idx (B, k, l), the chosen
+    scores sel (B, k, l) (detached) and, for softmax_all, lse (B, k) (with its gradient)."""
     with nvtx_range("pmoe.scores"):
-        scores = routing_scores(xp, router)  # (B, k, n)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and gate == "softmax_all"):
+            scores = routing_scores(xp, router)  # (B, k, n)
     with nvtx_range("pmoe.select"):
         idx = select_top_l(scores.detach(), l)  # (B, k, l)
-        gates = gates_from_scores(scores, torch.gather(scores, 2, idx), gate)  # (B, k, l)
+        sel = torch.gather(scores.detach(), 2, idx)
+        lse = torch.logsumexp(scores, dim=-1) if gate == "softmax_all" else None
+    return scores, idx, sel, lse
 
-    with nvtx_range("pmoe.experts"):
-        # Row numbers of the chosen patches in xp viewed as (B*n, d), laid out (k, B, l) so the
-        # gathered rows are already grouped by expert for one bmm.
-        rows = (idx + torch.arange(B, device=xp.device).view(B, 1, 1) * n).transpose(0, 1).reshape(k, B * l)
-        xs = gather_rows(xp.reshape(B * n, d), rows, per_expert=deterministic and xp.is_cuda)
-        h = torch.bmm(xs, weight.transpose(1, 2))  # (k, B*l, m); under autocast in its dtype
-        if bias is not None:
-            # cast: an fp32 bias must not promote an autocast bf16 result back to fp32 (nn.Conv2d
-            # under autocast returns the autocast dtype with or without bias; so does this layer)
-            h = h + bias.unsqueeze(1).to(h.dtype)
-        h = act(h) * gates.transpose(0, 1).reshape(k, B * l, 1).to(h.dtype)
-    if profiling.is_enabled() and torch.is_grad_enabled():
-        params = [router, weight, bias]
-        _backward_ranges([scores], [xp] + params, "pmoe.backward.scores")
-        _backward_ranges([gates], [scores], "pmoe.backward.select")
-        _backward_ranges([h], [xp, gates] + params, "pmoe.backward.experts")
-    return h, rows, Routing(idx, gates.detach(), n)
+
+def _routed(xp, router, weight, bias, l, combine, gate, activation, cp, deterministic, pooled):
+    """The torch path on (B, n, d) patches: -> (the layer's output, Routing)."""
+    if combine not in ("concat", "sum"):
+        raise ValueError(f"unknown combine {combine!r}")
+    B, n, d = xp.shape
+    xr = xp.reshape(B * n, d)  # one copy, if any, for both the scores and the gather
+    scores, idx, sel, lse = _route(xr.view(B, n, d), _ordered(router, cp), l, gate)
+    opts = _Opts(n, l, combine, gate, activation, pooled, deterministic, cp)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xr, router, weight, bias, lse)):
+        y, g = _RoutedExperts.apply(xr, router, weight, bias, sel, lse, idx, opts)
+    else:  # inference: no autograd node, nothing kept
+        y, g, _, _ = _experts_forward(xr, weight, bias, sel, lse, idx, opts)
+    if profiling.is_enabled() and lse is not None and lse.requires_grad:
+        _backward_ranges([scores], [xp, router], "pmoe.backward.scores")
+        _backward_ranges([lse], [scores], "pmoe.backward.select")
+    return y, Routing(idx, g, n)
 
 
 def pmoe_patches_torch(
@@ -174,39 +553,23 @@ def pmoe_patches_torch(
     combine: str,
     gate: str,
     activation: str,
+    cp: Optional[tuple[int, int]] = None,
     deterministic: bool = False,
 ) -> tuple[torch.Tensor, Routing]:
     """pMoE on a patch tensor.
 
-    xp: (B, n, d); router: (k, d); weight: (k, m, d); bias: (k, m) or None.
+    xp: (B, n, d); router: (k, d); weight: (k, m, d); bias: (k, m) or None.  cp = (C, p): xp's
+    features are in (p, p, C) order (patches_from_map_hwc) and router and weight in unfold order
+    (C, p, p); None: all in one order.
     Returns y: (B, n, k*m) for "concat" or (B, n, m) for "sum", and the Routing.
     Under autocast the scores, selection and gates are computed in the parameters' precision
     (see routing_scores) and the experts in the autocast dtype, which is y's dtype.
+    `deterministic`: bit-identical results run to run on every device (on CPU they always are;
+    on CUDA the row additions then avoid atomics).
     """
-    B, n, d = xp.shape
-    k, m, _ = weight.shape
-    if combine not in ("concat", "sum"):
-        raise ValueError(f"unknown combine {combine!r}")
-    h, rows, routing = gated_experts(xp, router, weight, bias, l, gate, activation, deterministic)
-
-    with nvtx_range("pmoe.combine"):
-        if combine == "concat":
-            # (patch, expert) pairs are unique, so a copy (not an accumulation) places each row.
-            expert = torch.arange(k, device=xp.device).view(k, 1)
-            slots = rows * k + expert
-            y = h.new_zeros(B * n * k, m).index_copy(0, slots.reshape(-1), h.reshape(-1, m))
-            y = y.view(B, n, k * m)
-        elif deterministic and xp.is_cuda:
-            # CUDA index_add uses atomics; a per-expert buffer summed over k is bit-stable.
-            expert = torch.arange(k, device=xp.device).view(k, 1)
-            slots = rows * k + expert
-            y = h.new_zeros(B * n * k, m).index_copy(0, slots.reshape(-1), h.reshape(-1, m))
-            y = y.view(B, n, k, m).sum(2)
-        else:
-            y = h.new_zeros(B * n, m).index_add(0, rows.reshape(-1), h.reshape(-1, m)).view(B, n, m)
-    if profiling.is_enabled() and torch.is_grad_enabled():
-        _backward_ranges([y], [h], "pmoe.backward.combine")
-    return y, routing
+    B, n, _ = xp.shape
+    y, routing = _routed(xp, router, weight, bias, l, combine, gate, activation, cp, deterministic, pooled=False)
+    return y.view(B, n, y.shape[-1]), routing
 
 
 def pmoe_patches_pooled_torch(
@@ -218,6 +581,7 @@ def pmoe_patches_pooled_torch(
     combine: str,
     gate: str,
     activation: str,
+    cp: Optional[tuple[int, int]] = None,
     deterministic: bool = False,
 ) -> tuple[torch.Tensor, Routing]:
     """pmoe_patches_torch's output summed over the n patches, without the (B, n, out) map.
@@ -225,17 +589,7 @@ def pmoe_patches_pooled_torch(
     Unselected (patch, expert) pairs contribute exactly 0, so the sum over patches is the sum of
     the gated expert rows over the l ranks (and over the k experts for "sum").
     Returns (B, k*m) for "concat" or (B, m) for "sum", and the Routing.  The pooling is a
-    reduction (no atomics, bit-stable on every device); `deterministic` covers the gather's
-    backward as in pmoe_patches_torch.
+    reduction (no atomics, bit-stable on every device); `deterministic` covers the backward's
+    row additions as in pmoe_patches_torch.
     """
-    B = xp.shape[0]
-    k, m, _ = weight.shape
-    if combine not in ("concat", "sum"):
-        raise ValueError(f"unknown combine {combine!r}")
-    h, _, routing = gated_experts(xp, router, weight, bias, l, gate, activation, deterministic)
-    with nvtx_range("pmoe.pool"):
-        per_expert = h.view(k, B, l, m).sum(2)  # (k, B, m)
-        y = per_expert.transpose(0, 1).reshape(B, k * m) if combine == "concat" else per_expert.sum(0)
-    if profiling.is_enabled() and torch.is_grad_enabled():
-        _backward_ranges([y], [h], "pmoe.backward.pool")
-    return y, routing
+    return _routed(xp, router, weight, bias, l, combine, gate, activation, cp, deterministic, pooled=True)

@@ -1,0 +1,235 @@
+"""The PyTorch path's own machinery (issue 18): both expert-GEMM routes (oneDNN 1x1 convolutions
+and bmm) against the float64 reference, the hand-written backward against autograd of the
+reference, double backward, the inference path, torch.export with a dynamic batch from B = 1
+(issue 15), and memory kept for backward below the dense conv's for every benchmark layer.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+import pytest
+import torch
+
+import pmoe
+from pmoe import torch_backend as TB
+from pmoe.reference import reference_conv2d
+
+F64 = torch.float64
+TOL = 1e-9
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+@pytest.fixture(params=["onednn", "bmm"])
+def gemm(request, monkeypatch):
+    """Run the test with each expert-GEMM route forced, whatever the dtype and sizes (the oneDNN
+    route runs float64 through torch's own convolution: the same code around it)."""
+    monkeypatch.setattr(TB, "_onednn", lambda t, m, d: request.param == "onednn" and t.device.type == "cpu")
+    return request.param
+
+
+def _params(C, p, k, m, bias, dtype=F64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = C * p * p
+    router = torch.randn(k, d, generator=g, dtype=dtype)
+    weight = torch.randn(k, m, C, p, p, generator=g, dtype=dtype) / d ** 0.5
+    b = torch.randn(k, m, generator=g, dtype=dtype) if bias else None
+    return router, weight, b
+
+
+def _call(x, router, weight, bias, p, l, combine, gate, activation="relu", pooled=False, deterministic=False):
+    fn = pmoe.pmoe_conv2d_pooled if pooled else pmoe.pmoe_conv2d
+    return fn(x, router, weight, bias, patch_size=p, top_l=l, combine=combine, gate=gate, activation=activation,
+              backend="torch", deterministic=deterministic, return_routing=True)
+
+
+CASES = [  # B, C, H, W, p, k, m, l
+    (3, 3, 8, 8, 2, 4, 5, 5),
+    (2, 4, 6, 6, 1, 3, 2, 36),   # l = n
+    (4, 2, 6, 9, 3, 2, 3, 1),    # l = 1, n = 6
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("combine,gate,pooled", list(itertools.product(
+    ["concat", "sum"], ["softmax", "indicator", "softmax_all"], [False, True])))
+def test_both_gemm_routes_match_reference(gemm, case, combine, gate, pooled):
+    B, C, H, W, p, k, m, l = case
+    router, weight, bias = _params(C, p, k, m, bias=gate != "indicator")
+    x = torch.randn(B, C, H, W, dtype=F64)
+    params = [t.requires_grad_() for t in (x, router, weight) + ((bias,) if bias is not None else ())]
+    y, r = _call(x, router, weight, bias, p, l, combine, gate, pooled=pooled)
+    y_ref, idx_ref, g_ref = reference_conv2d(x, router, weight, bias, p, l, combine, gate)
+    if pooled:
+        y_ref = y_ref.sum((2, 3))
+    assert torch.equal(r.indices, idx_ref)
+    assert rel_err(r.gates, g_ref) < TOL and rel_err(y, y_ref) < TOL
+    dy = torch.randn(y.shape, dtype=F64)
+    got = torch.autograd.grad(y, params, dy, allow_unused=True)
+    want = torch.autograd.grad(y_ref, params, dy, allow_unused=True)
+    for name, a, b in zip(["x", "router", "weight", "bias"], got, want):
+        if gate == "indicator" and name == "router":
+            assert a is None or a.abs().max() == 0
+        else:
+            assert rel_err(a, b) < TOL, name
+
+
+@pytest.mark.parametrize("combine", ["concat", "sum"])
+def test_gradient_from_an_nchw_consumer_matches_reference(gemm, combine, monkeypatch):
+    """An NCHW network copies the (channels-last) output to NCHW, so the gradient comes back
+    NCHW; the backward then gathers it along the patches (_take_from_map) instead of transposing
+    it, with the reference's gradients."""
+    taken = []
+    real = TB._take_from_map
+    monkeypatch.setattr(TB, "_take_from_map", lambda *a: taken.append(1) or real(*a))
+    router, weight, bias = _params(3, 2, 4, 3, bias=True)
+    x = torch.randn(3, 3, 8, 6, dtype=F64)
+    params = [t.requires_grad_() for t in (x, router, weight, bias)]
+    y, _ = _call(x, router, weight, bias, 2, 5, combine, "softmax_all")
+    y_ref, _, _ = reference_conv2d(x, router, weight, bias, 2, 5, combine, "softmax_all")
+    dy = torch.randn(y.shape, dtype=F64)
+    got = torch.autograd.grad(y.contiguous(), params, dy)
+    assert taken
+    for a, b in zip(got, torch.autograd.grad(y_ref, params, dy)):
+        assert rel_err(a, b) < TOL
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu", "identity"])
+def test_activation_backward_matches_reference(gemm, activation):
+    router, weight, bias = _params(2, 2, 3, 4, bias=True)
+    x = torch.randn(2, 2, 6, 6, dtype=F64)
+    params = [t.requires_grad_() for t in (x, router, weight, bias)]
+    y, _ = _call(x, router, weight, bias, 2, 3, "concat", "softmax", activation)
+    y_ref, _, _ = reference_conv2d(x, router, weight, bias, 2, 3, "concat", "softmax", activation)
+    assert rel_err(y, y_ref) < TOL
+    for a, b in zip(torch.autograd.grad(y.square().sum(), params), torch.autograd.grad(y_ref.square().sum(), params)):
+        assert rel_err(a, b) < TOL
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_float32_onednn_route_matches_reference(pooled):
+    """float32 with large enough experts: the route the big benchmark layers take on CPU,
+    unforced, against float64."""
+    router, weight, bias = _params(64, 2, 4, 128, bias=True, dtype=torch.float32)
+    assert TB._onednn(weight, 128, 256) == TB._MKLDNN
+    x = torch.randn(4, 64, 8, 8)
+    params = [t.requires_grad_() for t in (x, router, weight, bias)]
+    y, r = _call(x, router, weight, bias, 2, 6, "concat", "softmax", pooled=pooled)
+    p64 = [t.detach().double().requires_grad_() for t in params]
+    y_ref, idx_ref, _ = reference_conv2d(*p64, 2, 6, "concat", "softmax")
+    y_ref = y_ref.sum((2, 3)) if pooled else y_ref
+    assert torch.equal(r.indices, idx_ref)
+    assert rel_err(y.double(), y_ref) < 1e-5
+    dy = torch.randn(y.shape)
+    for a, b in zip(torch.autograd.grad(y, params, dy), torch.autograd.grad(y_ref, p64, dy.double())):
+        assert rel_err(a.double(), b) < 1e-4
+
+
+@pytest.mark.parametrize("combine", ["concat", "sum"])
+def test_double_backward(gemm, combine):
+    """create_graph=True differentiates a differentiable recomputation: second derivatives too."""
+    router, weight, bias = _params(2, 2, 2, 3, bias=True)
+    x = torch.randn(2, 2, 4, 4, dtype=F64, requires_grad=True)
+
+    def f(x, router, weight, bias):
+        return _call(x, router, weight, bias, 2, 2, combine, "softmax", "gelu")[0]
+
+    assert torch.autograd.gradgradcheck(f, (x, router.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()))
+
+
+def test_deterministic_row_additions_match(gemm):
+    """deterministic=True adds rows with index_put_ (no atomics on any device): same values."""
+    router, weight, bias = _params(3, 1, 4, 2, bias=True)
+    x = torch.randn(3, 3, 4, 4, dtype=F64)
+    out = []
+    for det in (False, True):
+        xi = x.clone().requires_grad_()
+        y, _ = _call(xi, router, weight, bias, 1, 8, "sum", "softmax", deterministic=det)
+        (gx,) = torch.autograd.grad(y.square().sum(), [xi])
+        out.append((y, gx))
+    for a, b in zip(*out):
+        assert rel_err(a, b) < 1e-13
+
+
+def test_inference_keeps_no_graph():
+    layer = pmoe.PMoEConv2d(4, 64, 2, 4, 3, backend="torch")
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert layer(x).grad_fn is None
+    layer.requires_grad_(False)
+    assert layer(x).grad_fn is None
+    assert layer(x.requires_grad_()).grad_fn is not None
+
+
+@pytest.mark.parametrize("C,m,pooled", [(3, 2, False), (64, 128, False), (64, 128, True)])
+def test_export_with_a_dynamic_batch_from_one(C, m, pooled):
+    """torch.export with the batch dynamic from B = 1 (issue 15): nothing in the torch path
+    branches on the batch size (both expert-GEMM routes: bmm, and oneDNN for d*m large enough),
+    and the exported program computes the layer at every B."""
+    from torch.export import Dim, export
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = pmoe.PMoEConv2d(C, 4 * m, 2, 4, 3, bias=True, backend="torch")
+            torch.nn.init.normal_(self.layer.router)
+
+        def forward(self, x):
+            return self.layer.forward_pooled(x) if pooled else self.layer(x)
+
+    net = Net()
+    ep = export(net, (torch.randn(4, C, 8, 8),), dynamic_shapes={"x": {0: Dim("B", min=1)}})
+    for B in (1, 2, 7):
+        x = torch.randn(B, C, 8, 8)
+        torch.testing.assert_close(ep.module()(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def bench_modules():
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    if bench not in sys.path:
+        sys.path.append(bench)
+    import baselines
+    import compute_savings
+    import shapes
+
+    return baselines, compute_savings, shapes
+
+
+@pytest.mark.parametrize("shape_name", ["mnist-k2-l2", "mnist-k8-l6", "wrn-pmoe", "large"])
+def test_saved_for_backward_below_dense(bench_modules, shape_name):
+    """Memory kept for backward (compute_savings' count: unique storages, parameters excluded)
+    is below the dense conv's for every benchmark layer, at a small batch."""
+    baselines, compute_savings, shapes = bench_modules
+    shape = shapes.SHAPES[shape_name]
+    x = torch.randn(shape.input_shape(2), requires_grad=True)
+    saved = {}
+    for kind in ("dense", "torch"):
+        layer = baselines.make_layer(shape, kind)
+        baselines.randomize_router(layer)
+        saved[kind] = compute_savings.saved_bytes(lambda: layer(x).sum(), exclude=list(layer.parameters()))
+    assert 0 < saved["torch"] < saved["dense"], saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_topk_keys_select_like_the_stable_sort(dtype):
+    """n >= 32 selects by top-k of integer keys: the same choice as the stable descending sort,
+    ties to the lower index, NaN above +inf, -0.0 equal to +0.0."""
+    from pmoe.routing import _TOPK_MIN_N, select_top_l
+
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(6, 3, 2 * _TOPK_MIN_N, generator=g) * 2).round() / 2  # many exact ties
+    s[0, 0, :7] = float("nan")
+    s[1, 1, 3:9] = 0.0
+    s[1, 1, 9:15] = -0.0
+    s[2, 2, ::5] = float("inf")
+    s[3, 0, ::3] = -float("inf")
+    s[4] = 1.0  # all equal
+    s = s.to(dtype)
+    for l in (1, 5, s.shape[-1]):
+        want = torch.sort(s.double(), dim=-1, descending=True, stable=True).indices[..., :l]
+        assert torch.equal(select_top_l(s, l), want), l
