@@ -1,11 +1,14 @@
 """Compile every pMoE Triton kernel, variant, config and dtype to a cubin, without a GPU.
 
-    python bench/compile_report.py --arch 90            # all, H100 (sm_90a)
-    python bench/compile_report.py --arch 80 --quick    # first config, one dtype: a smoke test
+    python bench/compile_report.py --arch 90            # every launch of every problem, H100 (sm_90a)
+    python bench/compile_report.py --arch 80 --quick    # the benchmark shapes, bf16: a smoke test
+
+What is compiled is what the launchers launch (kernels/registry.py records their launches on meta
+tensors, with the configs kernels/configs.py picks for the arch): nothing is listed by hand.
 
 For each compile: registers, spill bytes (the `ptxas -v` log of the backend's own ptxas run: the
 ptxas it picks for the arch, with its flags),
-shared memory (Triton's metadata), and which matrix instructions the PTX uses (wgmma on sm_90,
+shared memory (Triton's metadata), CTAs per SM (registers, shared memory and threads allow), and which matrix instructions the PTX uses (wgmma on sm_90,
 mma.sync on sm_80, "fma" for exact-fp32 dots, "-" for kernels without a dot).
 Exits 1 on any compile failure or any spill.  Must run with TRITON_INTERPRET unset/0.
 """
@@ -28,7 +31,7 @@ from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pmoe.kernels.registry import KERNELS, dot_precision_for  # noqa: E402
+from pmoe.kernels import registry  # noqa: E402
 
 def ptxas_info(arch: int) -> str:
     """The ptxas the NVIDIA backend itself runs for this arch (newer Tritons bundle two: one for
@@ -70,73 +73,80 @@ def matrix_insts(ptx: str) -> str:
     return "-"
 
 
-def compile_one(spec, variant, config, dtype: str, arch: int) -> dict:
-    vlabel, constexprs, ptr_over = variant
-    clabel, meta, num_warps, num_stages = config
-    constexprs = dict(constexprs)
-    num_warps = constexprs.pop("num_warps", num_warps)
-    sig = spec.signature(dtype, ptr_over)
-    consts = {**constexprs, **meta}
-    if "PREC" in sig:
-        consts["PREC"] = dot_precision_for(dtype)
-    missing = [k for k, v in sig.items() if v == "constexpr" and k not in consts]
-    if missing:
-        raise KeyError(f"{spec.name}: no value for constexprs {missing}")
-    # pointers 16-byte aligned, as torch allocations are (what the launcher would specialise on)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (k, v) in enumerate(sig.items()) if v.startswith("*")}
-    attrs.update(spec.int_attrs(sig, ptr_over))  # ints the variant declares multiples of 16 (registry)
-    src = ASTSource(spec.fn, sig, consts, attrs)
+def compile_one(rec, dtype: str, arch: int) -> dict:
+    """Compile one recorded launch (kernels/registry.py) for the arch; registers, spills, shared
+    memory and matrix instructions."""
+    src = ASTSource(rec.fn, rec.signature, rec.constexprs, rec.attrs)
     t0 = time.time()
-    compiled, stats = compile_with_ptxas_log(src, arch, {"num_warps": num_warps, "num_stages": num_stages})
+    compiled, stats = compile_with_ptxas_log(src, arch, rec.options)
     ptx = compiled.asm["ptx"]
-    has_dot = "tl.dot" in spec.fn.src or "tt.dot" in compiled.asm.get("ttir", "")
+    has_dot = "tt.dot" in compiled.asm.get("ttir", "")
     mi = matrix_insts(ptx)
     if mi == "-" and has_dot:
         mi = "fma"
-    return {"kernel": spec.name, "variant": vlabel, "config": clabel, "dtype": dtype, "warps": num_warps,
-            "regs": stats["regs"], "spill": stats["spill"], "smem": compiled.metadata.shared, "mma": mi,
-            "secs": time.time() - t0}
+    smem = compiled.metadata.shared
+    return {"kernel": rec.name, "problem": rec.problem, "config": config_label(rec), "dtype": dtype,
+            "warps": rec.num_warps, "regs": stats["regs"], "spill": stats["spill"], "smem": smem,
+            "ctas": ctas_per_sm(stats["regs"], rec.num_warps, smem, arch), "mma": mi, "secs": time.time() - t0}
+
+
+def config_label(rec) -> str:
+    blocks = "x".join(str(v) for k, v in rec.constexprs.items() if k.startswith("BLOCK") or k.endswith("_POW2"))
+    return f"{blocks}/w{rec.num_warps}s{rec.num_stages}"
+
+
+# per-SM limits (registers, shared memory in bytes, threads)
+SM_LIMITS = {90: (65536, 227 * 1024, 2048), 89: (65536, 99 * 1024, 1536), 86: (65536, 99 * 1024, 1536),
+             80: (65536, 163 * 1024, 2048)}
+
+
+def ctas_per_sm(regs: int, warps: int, smem: int, arch: int) -> int:
+    """CTAs of this kernel one SM holds at once (registers are allocated per warp in units of 256)."""
+    reg_file, smem_max, threads_max = SM_LIMITS[arch]
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = reg_file // (per_warp * warps) if regs > 0 else 64
+    by_smem = smem_max // smem if smem > 0 else 64
+    return max(0, min(by_regs, by_smem, threads_max // (32 * warps), 32))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90, choices=[80, 86, 89, 90])
-    ap.add_argument("--quick", action="store_true", help="first config and first variant only, one dtype")
+    ap.add_argument("--quick", action="store_true", help="the benchmark shapes only (wrn-pmoe, large), bf16")
     ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default: all; --quick: bf16)")
     ap.add_argument("--kernels", default=None, help="comma list of kernel names (default: all)")
+    ap.add_argument("--match", default=None, help="only the problems whose label contains this (kernels/registry.py)")
     args = ap.parse_args(argv)
     dtypes = (args.dtypes or ("bf16" if args.quick else "fp32,bf16,fp16")).split(",")
     names = set(args.kernels.split(",")) if args.kernels else None
+    problems = [p for p in registry.PROBLEMS if (not args.quick or p.label in ("wrn-pmoe", "large"))
+                and (args.match is None or args.match in p.label)]
 
     rows, failures = [], []
-    for spec in KERNELS:
-        if names and spec.name not in names:
-            continue
-        variants = spec.variants[:1] if args.quick else spec.variants
-        for dtype in dtypes:
-            configs = spec.launch_configs(dtype, args.arch)
-            configs = configs[:1] if args.quick else configs
-            for variant in variants:
-                for config in configs:
-                    try:
-                        rows.append(compile_one(spec, variant, config, dtype, args.arch))
-                    except Exception as exc:  # report every failure, then exit non-zero
-                        failures.append((spec.name, variant[0], config[0], dtype, exc))
-                        traceback.print_exc()
+    for dtype in dtypes:
+        for rec in registry.launches(dtype, args.arch, problems):
+            if names and rec.name not in names:
+                continue
+            try:
+                rows.append(compile_one(rec, dtype, args.arch))
+            except Exception as exc:  # report every failure, then exit non-zero
+                failures.append((rec.name, rec.problem, config_label(rec), dtype, exc))
+                traceback.print_exc()
 
-    head = f"{'kernel':<20} {'variant':<26} {'config':<22} {'dtype':<5} {'regs':>4} {'spill':>5} {'smem':>6} {'mma':<6}"
+    head = (f"{'kernel':<16} {'first problem':<24} {'config':<40} {'dtype':<5} {'regs':>4} {'spill':>5} {'smem':>6} "
+            f"{'CTA/SM':>6} {'mma':<6}")
     print(f"triton {triton.__version__}, ptxas {ptxas_info(args.arch)}")
     print(f"sm_{args.arch}: {len(rows)} compiled, {len(failures)} failed")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['kernel']:<20} {r['variant']:<26} {r['config']:<22} {r['dtype']:<5} {r['regs']:>4} "
-              f"{r['spill']:>5} {r['smem']:>6} {r['mma']:<6}")
+        print(f"{r['kernel']:<16} {r['problem']:<24} {r['config']:<40} {r['dtype']:<5} {r['regs']:>4} {r['spill']:>5} "
+              f"{r['smem']:>6} {r['ctas']:>6} {r['mma']:<6}")
     spills = [r for r in rows if r["spill"] > 0]
-    for name, v, c, dt, exc in failures:
-        print(f"FAILED {name} [{v}] {c} {dt}: {type(exc).__name__}: {str(exc)[:300]}")
+    for name, problem, config, dt, exc in failures:
+        print(f"FAILED {name} [{problem}] {config} {dt}: {type(exc).__name__}: {str(exc)[:300]}")
     for r in spills:
-        print(f"SPILL {r['kernel']} [{r['variant']}] {r['config']} {r['dtype']}: {r['spill']} bytes")
+        print(f"SPILL {r['kernel']} [{r['problem']}] {r['config']} {r['dtype']}: {r['spill']} bytes")
     return 1 if failures or spills or not rows else 0
 
 

@@ -17,8 +17,11 @@ nothing here names a kernel.  Each traced launch gives, per kernel argument tens
               ld.global.cg, and every store): the model's L2 term;
   prog-unique unique sectors per program, summed over programs: what a perfect per-CTA cache
               (L1 / shared memory reuse) would fetch.  Reported, not used by the model;
-  DRAM        unique sectors over the whole launch (read: loads and atomics, write: stores and
-              atomics): HBM traffic with a perfect L2 that starts cold for every launch;
+  DRAM        unique sectors over the whole launch: HBM traffic with a perfect L2 that starts cold
+              for every launch.  Writes: every sector stored or atomically updated, once (the
+              write-back).  Reads: every sector loaded or atomically updated whose first touch in
+              the launch is not a write by an earlier program (data a launch writes and reads
+              back, e.g. a row copy, comes back from L2);
   dot FLOPs   2·M·N·K per tl.dot, the full tile (padding included), by operand class.
 
 Every other kernel the layer runs (torch ops: zero fills, dtype casts, copies; inside the custom
@@ -47,8 +50,8 @@ Assumptions (also printed in the report):
     unique bytes exceed that would spill), partial-sector writes cost a whole sector;
   - only tensor-core work (tl.dot) is timed; CUDA-core arithmetic (the routing sort, softmax,
     activations) and latency are not; occupancy enters only through the grid-fill factor.
-Under the interpreter each autotuned kernel runs its first config (kernels/utils.pick_configs);
-the config column shows what ran.
+Each kernel runs the config the GPU would run (kernels/configs.py: a fixed per-arch table, no
+autotuning); the config column shows what ran.
 """
 from __future__ import annotations
 
@@ -263,6 +266,19 @@ class Launch:
         return self.stats[:, _S[name]]
 
 
+def _first_touch(parts):
+    """(sorted unique sectors, the first program that touched each) of [(program, sectors)]."""
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    sectors = np.concatenate([u for _, u in parts])
+    progs = np.concatenate([np.full(u.shape, prog, np.int64) for prog, u in parts])
+    order = np.lexsort((progs, sectors))  # by sector, then program
+    sectors, progs = sectors[order], progs[order]
+    first = np.ones(sectors.shape, bool)
+    first[1:] = sectors[1:] != sectors[:-1]
+    return sectors[first], progs[first]
+
+
 class _TensorMap:
     """address -> tensor row, over a launch's argument storages (distinct, so non-overlapping);
     rows in argument order, unmapped addresses -> the last row."""
@@ -391,7 +407,7 @@ class Tracer:
             u = np.unique(np.concatenate(pending))
             pending.clear()
             launch.stats[:, _S[kind + "_psec"]] += np.bincount(tmap(u << _SHIFT), minlength=tmap.unmapped + 1)
-            cur["all"][kind].append(u)
+            cur["all"][kind].append((launch.programs, u))
 
     def _end_launch(self):
         cur = self._cur
@@ -399,11 +415,19 @@ class Tracer:
             return
         self._flush_program()
         launch, tmap = cur["launch"], cur["map"]
-        for stat, kinds in (("rd_dram", ("ld", "at")), ("wr_dram", ("st", "at"))):
-            parts = [a for k in kinds for a in cur["all"][k]]
-            if parts:
-                u = np.unique(np.concatenate(parts))
-                launch.stats[:, _S[stat]] += np.bincount(tmap(u << _SHIFT), minlength=tmap.unmapped + 1)
+        reads, first_read = _first_touch([a for k in ("ld", "at") for a in cur["all"][k]])
+        writes, first_write = _first_touch([a for k in ("st", "at") for a in cur["all"][k]])
+        # a perfect L2: a sector's DRAM read happens only if it is read before any program of
+        # the launch wrote it (data written in the launch is read back from L2); every written
+        # sector is written back once
+        if reads.size:
+            pos = np.searchsorted(writes, reads)
+            pos_c = np.minimum(pos, max(writes.size - 1, 0))
+            written_before = (writes.size > 0) & (writes[pos_c] == reads) & (first_write[pos_c] < first_read)
+            u = reads[~written_before]
+            launch.stats[:, _S["rd_dram"]] += np.bincount(tmap(u << _SHIFT), minlength=tmap.unmapped + 1)
+        if writes.size:
+            launch.stats[:, _S["wr_dram"]] += np.bincount(tmap(writes << _SHIFT), minlength=tmap.unmapped + 1)
         self.launches.append(launch)
         self._cur = None
 
@@ -586,6 +610,17 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PASSES = {"fwd": "forward", "fwdbwd": "forward+backward"}
 
 
+def _warm_up(layer, x, pass_name: str) -> None:
+    """One untraced call at batch 1: what a layer allocates once and caches (the kernels' ticket
+    counters, launch.sync_counters) is not part of the steady state the model describes."""
+    x = x.detach().clone().requires_grad_(pass_name != "forward")
+    with torch.set_grad_enabled(pass_name != "forward"):
+        y = layer(x)
+        if pass_name != "forward":
+            y.float().sum().backward()
+    layer.zero_grad(set_to_none=True)
+
+
 def trace_layer(shape, batch: int, dtype: str, layout: str, pass_name: str, seed: int = 0,
                 distinct: Optional[int] = None, split: str = "tile") -> Tracer:
     """Trace one forward (no_grad) or forward+backward of the layer at `batch` on CPU tensors.
@@ -606,6 +641,7 @@ def trace_layer(shape, batch: int, dtype: str, layout: str, pass_name: str, seed
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     params = dict(layer.named_parameters())
+    _warm_up(layer, x[:1], pass_name)
     tracer = Tracer(split=split)
     with tracer:
         if pass_name == "forward":
@@ -703,7 +739,11 @@ def summarize(launches: list, shape, gpu_batch: int, dtype: str, pass_name: str)
                     **{name: float(r[_S[name]]) for name in STATS}}
             tensor_rows.append(trow)
             role_l2[info.role] = role_l2.get(info.role, 0.0) + trow["l2"]
-            if info.role in ACTIVATION_ROLES and ld_sec > 0:
+            icpt = getattr(launch, "intercept", None)
+            if info.role == "scratch":  # per-image scratch (row copies, dPre, indices) is activation traffic too
+                fixed = _l2_bytes(icpt[j]) if icpt is not None and j < len(icpt) else 0.0
+                role_l2["scratch/image"] = role_l2.get("scratch/image", 0.0) + max(0.0, trow["l2"] - fixed)
+            if (info.role in ACTIVATION_ROLES or info.role == "scratch") and ld_sec > 0:
                 act_loads.append((trow["load_eff"], launch.name, info.label, info.role))
         rows.append({"index": i, "kernel": launch.name, "kind": launch.kind, "phase": launch.phase,
                      "config": launch.meta, "programs": launch.programs, "requested": req, "l2": l2, "dram": dram,
@@ -718,7 +758,7 @@ def summarize(launches: list, shape, gpu_batch: int, dtype: str, pass_name: str)
     x_bytes = gpu_batch * shape.in_channels * shape.height * shape.width * elt
     y_bytes = gpu_batch * shape.out_channels * shape.num_patches * elt
     act_min = tm.activation_min_bytes(shape, gpu_batch, elt, pass_name)
-    act_l2 = sum(role_l2.get(r, 0.0) for r in ACTIVATION_ROLES)
+    act_l2 = sum(role_l2.get(r, 0.0) for r in ACTIVATION_ROLES) + role_l2.get("scratch/image", 0.0)
     floor_b = tm.layer_floor_bytes(shape, gpu_batch, elt, pass_name)
     floor_f = tm.layer_flops(shape, gpu_batch, pass_name)
     dense_b = tm.dense_floor_bytes(shape, gpu_batch, elt, pass_name)
@@ -911,15 +951,16 @@ ASSUMPTIONS = [
     "(L1 bypassed, as for cp.async.cg / TMA / stores); with --split tile a tile's split into warp instructions "
     "is ignored, so sub-sector gathers split across warps are undercounted (--split cols/rows brackets it)",
     "masked-off lanes make no request; addresses outside every argument tensor show as <unmapped>",
-    "DRAM: unique sectors per launch (perfect L2 within a launch, cold between launches); reads = loads + "
-    "atomics, writes = stores + atomics",
+    "DRAM: unique sectors per launch (perfect L2 within a launch, cold between launches); writes = every "
+    "sector stored or atomically updated, once; reads = sectors loaded or atomically updated whose first touch "
+    "in the launch is not a write by an earlier program (written data is read back from L2)",
     "dot FLOPs = 2·M·N·K of every tl.dot tile (padding included); CUDA-core work (sort, softmax, "
     "activations) is not timed",
     "torch ops the layer runs (fills, casts, copies) stream: each input read and each output written once",
     "counts fitted as a + b·B from two interpreter batches (B random images, then the same B twice) and "
     "evaluated at the shape's gpu_batch; gather traffic depends on which patches the router picks, so it is "
     "estimated from those B images under bench/baselines.randomize_router (a few % of sampling spread)",
-    "each autotuned kernel runs its first config under the interpreter (kernels/utils.pick_configs)",
+    "each kernel runs the config the GPU would run: kernels/configs.py's fixed table for the modeled arch",
 ]
 
 

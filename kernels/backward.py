@@ -1,194 +1,384 @@
-"""Expert backward, three launches over the B*l gathered rows of each expert (grouped GEMMs):
+"""Backward: two launches, no atomics on data, every gradient written once, deterministic.
 
-  1. `_dpre_kernel`  recompute pre = W_s x_j + b_s (never stored by the forward), then
-                     dG_j = <dY_j, act(pre_j)>  and  dPre_j = G_j dY_j act'(pre_j)  -> (k, B*l, m);
-                     dY is read through strides, so the pooled layer's (B, out) gradient serves
-                     as dY_j = dP_b for every patch (stride 0 over patches).
-  2. `_dx_kernel`    dX_j += dPre_j W_s + dS_j router_s, scattered straight into the fp32 (B,C,H,W)
-                     gradient (implicit-GEMM scatter).  Several experts may take one patch: fp32
-                     atomics, or in deterministic mode one program per (image, d block) adding the
-                     experts in order 0..k-1.
-  3. `_dw_kernel`    dW_s = dPre_s^T X_s, db_s = sum dPre_s, d router_s = sum dS_j x_j: one program
-                     per output tile walks all B*l rows in order (deterministic, no atomics).
-dS (the score gradient, between 1 and 2) comes from routing._gate_bwd_kernel.
+1. `_rows_bwd_kernel`, expert tiles as in the forward (same rows: GROUP whole images of one
+   expert; forward.tile_rows).  Each tile gathers its rows again, recomputes
+   pre = W_s x_j + b_s (never stored by the forward), and from dY:
+       dG_j   = <dY_j, act(pre_j)>          (the gate's gradient)
+       dPre_j = G_j dY_j act'(pre_j)         -> dpre (k, B*l, m) in x's dtype
+   and, for the softmax gate with whole images in the tile, the score gradient
+       dS_i = G_i (dG_i - sum_i' G_i' dG_i') -> ds (B, k, l) fp32;
+   otherwise it stores dG and routing._gate_bwd_kernel computes dS (and softmax_all's dense part).
+   dY is read through strides: the pooled layer's (B, out) gradient is a stride-0 view over the
+   patches, never materialised.  For an NCHW map the launch starts, like the forward, with one
+   program per image copying its patch rows K-contiguous (tickets, see forward.py).
+2. `_dx_dw_kernel`, two kinds of programs in one launch (neither waits for the other):
+   dX programs, one per (GROUP_DX images, d block): for every expert s,
+       T = dPre_s rows (l per image) @ W_s[:, d block] + dS_s (x) router_s[d block]
+   is placed at the patches s took (a one-hot product built from inv, the forward's patch -> rank
+   map) and summed over experts in registers, plus softmax_all's dense term; the (n, d block) tile of
+   each image is then stored once, in x's dtype and layout: no fp32 map, no atomics.
+   dW programs, one per (expert, d block, split of the B*l rows): dW_s partials
+   dPre_s^T X_s (all m columns), db_s and the router's sparse gradient sum dS x; the split that
+   finishes last (a counter) adds the partials in split order and writes the result.
 """
 import triton
 import triton.language as tl
 
-from .utils import (activation, activation_grad, expert_preact, patch_col_offsets, patch_row_offsets,
-                    PRUNE, pick_configs)
-
-# Configs: the largest tiles that compile without spills on sm_90 and sm_80 (compile_report).
-DPRE_CONFIGS = [
-    triton.Config({"BLOCK_R": 32, "BLOCK_M": 32, "BLOCK_D": 16}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_R": 64, "BLOCK_M": 32, "BLOCK_D": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_R": 32, "BLOCK_M": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
-]
-DX_CONFIGS = [
-    triton.Config({"BLOCK_R": 32, "BLOCK_D": 32, "BLOCK_M": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_R": 64, "BLOCK_D": 64, "BLOCK_M": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_R": 128, "BLOCK_D": 64, "BLOCK_M": 32}, num_warps=8, num_stages=2),
-]
-DX_DET_CONFIGS = [
-    triton.Config({"BLOCK_R": 16, "BLOCK_D": 32, "BLOCK_M": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_R": 64, "BLOCK_D": 64, "BLOCK_M": 16}, num_warps=8, num_stages=2),
-]
-DW_CONFIGS = [
-    triton.Config({"BLOCK_M": 32, "BLOCK_D": 32, "BLOCK_R": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_D": 64, "BLOCK_R": 32}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 128, "BLOCK_D": 64, "BLOCK_R": 32}, num_warps=8, num_stages=2),
-]
+from .forward import rows_gemm, source_cols, source_rows, tile_rows
+from .modes import COMBINE_CONCAT, COMBINE_SUM, SRC_ROWS
+from .utils import (activation, activation_grad, finish_ticket, patch_col_offsets, patch_row_offsets, signal_group,
+                    take_ticket, wait_group)
 
 
-@triton.autotune(configs=pick_configs(DPRE_CONFIGS), key=["l", "m", "d"], prune_configs_by=PRUNE)
 @triton.jit
-def _dpre_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, dy_ptr, dpre_ptr, dg_ptr, B, n, k, l, m, d, Wp, p,
-                 sxb, sxc, sxh, sxw, swk, swm, swd, sbk, sbm, sdyb, sdyn,
-                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, COMBINE: tl.constexpr, PREC: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dy: (B, n, out) with strides (sdyb, sdyn, 1): sdyn = 0 is the pooled layer's gradient, one
-    (B, out) row per image broadcast to all its patches (never materialised); dpre: (k, B*l, m)
-    in x's dtype; dg: (B, k, l) fp32.
-    One program owns BLOCK_R rows of expert s and loops over all of m, so dG (a sum over m)
-    needs no atomics.  Grid: (cdiv(B*l, BLOCK_R), k)."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    s = tl.program_id(1)
-    row_ok = r < B * l
-    b = (r // l).to(tl.int64)
-    i = r % l
-    sel = (b * k + s) * l + i
-    j = tl.load(idx_ptr + sel, mask=row_ok, other=0)
-    g = tl.load(gates_ptr + sel, mask=row_ok, other=0.0)
-    row_off = patch_row_offsets(b, j, Wp, p, sxb, sxh, sxw)
-    if COMBINE == 0:
-        col0 = s * m
+def copy_rows(b, x_ptr, rows_ptr, n, d, Wp, p, stride_xb, stride_xc, stride_xh, stride_xw,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Copy image b's patch rows, unfold order, from the map to rows (B*n, d), in (BLOCK_N
+    patches, BLOCK_D features) tiles."""
+    b = b.to(tl.int64)
+    for j0 in range(0, n, BLOCK_N):
+        j = j0 + tl.arange(0, BLOCK_N)
+        j_ok = j < n
+        row_off = patch_row_offsets(tl.full((BLOCK_N,), b, tl.int64), j, Wp, p, stride_xb, stride_xh, stride_xw)
+        for d0 in range(0, d, BLOCK_D):
+            c = d0 + tl.arange(0, BLOCK_D)
+            mask = j_ok[:, None] & (c < d)[None, :]
+            xt = tl.load(x_ptr + row_off[:, None] + patch_col_offsets(c, p, stride_xc, stride_xh, stride_xw)[None, :],
+                         mask=mask, other=0.0)
+            tl.store(rows_ptr + ((b * n + j) * d)[:, None] + c[None, :], xt, mask=mask)
+
+
+@triton.jit
+def dpre_block(acc, dy_ptr, dpre_ptr, o, m, gate, dy_row, dpre_row, ok, ACT: tl.constexpr):
+    """dPre of columns o (stored and returned) and this block's part of dG, from the recomputed
+    pre-activations acc."""
+    o_ok = o < m
+    mask = ok[:, None] & o_ok[None, :]
+    dy = tl.load(dy_ptr + dy_row[:, None] + o[None, :], mask=mask, other=0.0).to(tl.float32)
+    dp = (dy * gate[:, None] * activation_grad(acc, ACT)).to(dpre_ptr.dtype.element_ty)
+    tl.store(dpre_ptr + dpre_row[:, None] + o[None, :], dp, mask=mask)
+    return tl.sum(dy * activation(acc, ACT), axis=1), dp
+
+
+@triton.jit
+def dpre_pass(n0, src_ptr, row_off, ok, w_ptr, b_ptr, dy_ptr, dpre_ptr, s, m, d, p, gate, dy_row, dpre_row,
+              stride_xc, stride_xh, stride_xw, stride_wk, stride_wm, stride_wd, stride_bk, stride_bm,
+              SOURCE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_N2: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_DK: tl.constexpr,
+              PREC: tl.constexpr):
+    """One column pass (columns n0..) of pre = W_s x + b_s recomputed, dPre stored: -> this pass's
+    part of dG and the dPre blocks (the second zeros without HAS_N2)."""
+    acc1, acc2 = rows_gemm(src_ptr, row_off, ok, w_ptr, b_ptr, s, n0, m, d, p, stride_xc, stride_xh, stride_xw,
+                           stride_wk, stride_wm, stride_wd, stride_bk, stride_bm, SOURCE, HAS_BIAS, HAS_N2, BLOCK_R,
+                           BLOCK_N, BLOCK_N2, BLOCK_DK, PREC)
+    dg, dp1 = dpre_block(acc1, dy_ptr, dpre_ptr, n0 + tl.arange(0, BLOCK_N), m, gate, dy_row, dpre_row, ok, ACT)
+    if HAS_N2:
+        part, dp2 = dpre_block(acc2, dy_ptr, dpre_ptr, n0 + BLOCK_N + tl.arange(0, BLOCK_N2), m, gate, dy_row,
+                               dpre_row, ok, ACT)
+        dg += part
     else:
+        dp2 = tl.zeros((BLOCK_R, BLOCK_N2), dtype=dpre_ptr.dtype.element_ty)
+    return dg, dp1, dp2
+
+
+@triton.jit
+def dpre_tile(g, s, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, dy_ptr, dpre_ptr, t_ptr, dg_ptr, ds_ptr,
+              B, n, k, l, m, d, Wp, p, GROUP, L_CHUNK,
+              stride_xb, stride_xc, stride_xh, stride_xw, stride_wk, stride_wm, stride_wd, stride_bk, stride_bm,
+              stride_dyb, stride_dyn,
+              SOURCE: tl.constexpr, COMBINE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+              FUSE_DS: tl.constexpr, ONE_PASS: tl.constexpr, HAS_N2: tl.constexpr, BLOCK_R: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DT: tl.constexpr,
+              PREC: tl.constexpr):
+    """Step 1 of the module docstring for expert s over image group g."""
+    cols: tl.constexpr = BLOCK_N + BLOCK_N2 if HAS_N2 else BLOCK_N
+    if SOURCE == SRC_ROWS:
+        src_ptr = rows_ptr
+    else:
+        src_ptr = x_ptr
+    if COMBINE == COMBINE_CONCAT:
+        col0 = s * m
+    elif COMBINE == COMBINE_SUM:
         col0 = 0
-    dy_row = b * sdyb + j * sdyn + col0
-    dpre_row = (s * B * l + r).to(tl.int64) * m  # row numbers k*B*l < 2^31; offsets int64
-    dg = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for m0 in range(0, m, BLOCK_M):
-        mm = m0 + tl.arange(0, BLOCK_M)
-        m_ok = mm < m
-        mask = row_ok[:, None] & m_ok[None, :]
-        pre = expert_preact(x_ptr, w_ptr, b_ptr, s, row_off, row_ok, mm, m_ok, d, p, sxc, sxh, sxw,
-                            swk, swm, swd, sbk, sbm, HAS_BIAS, BLOCK_R, BLOCK_M, BLOCK_D, PREC)
-        dyt = tl.load(dy_ptr + dy_row[:, None] + mm[None, :], mask=mask, other=0.0).to(tl.float32)
-        dg += tl.sum(dyt * activation(pre, ACT), axis=1)
-        dp = dyt * g[:, None] * activation_grad(pre, ACT)
-        tl.store(dpre_ptr + dpre_row[:, None] + mm[None, :], dp.to(dpre_ptr.dtype.element_ty), mask=mask)
-    tl.store(dg_ptr + sel, dg, mask=row_ok)
+    else:
+        tl.static_assert(False, "unknown combine code")
+    o1 = tl.arange(0, BLOCK_N)
+    o2 = BLOCK_N + tl.arange(0, BLOCK_N2)
+    for i0 in range(0, l, L_CHUNK):
+        b, i, slot, ok = tile_rows(g, i0, B, l, GROUP, L_CHUNK, BLOCK_R)
+        sel = (b * k + s) * l + i
+        j = tl.load(idx_ptr + sel, mask=ok, other=0)
+        gate = tl.load(gates_ptr + sel, mask=ok, other=0.0)
+        row_off = source_rows(b, j, n, d, Wp, p, stride_xb, stride_xh, stride_xw, SOURCE)
+        dy_row = b * stride_dyb + j * stride_dyn + col0
+        dpre_row = ((s * B + b) * l + i) * m
+        if ONE_PASS:  # keep dPre in registers for T below
+            dg, dp1, dp2 = dpre_pass(0, src_ptr, row_off, ok, w_ptr, b_ptr, dy_ptr, dpre_ptr, s, m, d, p, gate, dy_row,
+                                     dpre_row, stride_xc, stride_xh, stride_xw, stride_wk, stride_wm, stride_wd,
+                                     stride_bk, stride_bm, SOURCE, ACT, HAS_BIAS, HAS_N2, BLOCK_R, BLOCK_N, BLOCK_N2,
+                                     BLOCK_DK, PREC)
+        else:
+            dg = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for n0 in range(0, m, cols):
+                part, _, _ = dpre_pass(n0, src_ptr, row_off, ok, w_ptr, b_ptr, dy_ptr, dpre_ptr, s, m, d, p, gate,
+                                       dy_row, dpre_row, stride_xc, stride_xh, stride_xw, stride_wk, stride_wm,
+                                       stride_wd, stride_bk, stride_bm, SOURCE, ACT, HAS_BIAS, HAS_N2, BLOCK_R,
+                                       BLOCK_N, BLOCK_N2, BLOCK_DK, PREC)
+                dg += part
+        if FUSE_DS:  # softmax gate, whole images in the tile: dS_i = G_i (dG_i - c) per image
+            gdg = gate * dg
+            img_sum = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for img in range(0, GROUP):
+                in_t = ok & (slot == img)
+                img_sum = tl.where(in_t, tl.sum(tl.where(in_t, gdg, 0.0), axis=0), img_sum)
+            tl.store(ds_ptr + sel, gate * (dg - img_sum), mask=ok)
+        else:
+            tl.store(dg_ptr + sel, dg, mask=ok)
+        # T = dPre_s W_s: expert s's input gradient at its rows, all d features (step 2 sums the
+        # experts per patch).  dPre from registers when m took one pass, else read back.
+        w_s = w_ptr + s * stride_wk
+        t_row = ((s * B + b) * l + i).to(tl.int64) * d
+        if not ONE_PASS:
+            tl.debug_barrier()  # this tile's dPre stores before its loads below
+        for d0 in range(0, d, BLOCK_DT):
+            c = d0 + tl.arange(0, BLOCK_DT)
+            c_ok = c < d
+            t = tl.zeros((BLOCK_R, BLOCK_DT), dtype=tl.float32)
+            if ONE_PASS:
+                w1 = tl.load(w_s + o1[:, None].to(tl.int64) * stride_wm + c[None, :].to(tl.int64) * stride_wd,
+                             mask=(o1 < m)[:, None] & c_ok[None, :], other=0.0)
+                t = tl.dot(dp1, w1, t, input_precision=PREC)
+                if HAS_N2:
+                    w2 = tl.load(w_s + o2[:, None].to(tl.int64) * stride_wm + c[None, :].to(tl.int64) * stride_wd,
+                                 mask=(o2 < m)[:, None] & c_ok[None, :], other=0.0)
+                    t = tl.dot(dp2, w2, t, input_precision=PREC)
+            else:
+                for m0 in range(0, m, BLOCK_N):
+                    o = m0 + o1
+                    dp = tl.load(dpre_ptr + dpre_row[:, None] + o[None, :], mask=ok[:, None] & (o < m)[None, :],
+                                 other=0.0)
+                    wt = tl.load(w_s + o[:, None].to(tl.int64) * stride_wm + c[None, :].to(tl.int64) * stride_wd,
+                                 mask=(o < m)[:, None] & c_ok[None, :], other=0.0)
+                    t = tl.dot(dp, wt, t, input_precision=PREC)
+            tl.store(t_ptr + t_row[:, None] + c[None, :], t.to(t_ptr.dtype.element_ty), mask=ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
-def _dx_rows(dpre_ptr, w_ptr, r_ptr, ds_ptr, idx_ptr, b, i, row_ok, s, c, c_ok, B, n, k, l, m, Wp, p,
-             swk, swm, swd, srk, srd, sdb, sdc, sdh, sdw,
-             HAS_DS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-             PREC: tl.constexpr):
-    """(BLOCK_R, BLOCK_D) fp32 input gradient of rows (b, i) of expert s, and its dx offsets."""
-    sel = (b * k + s) * l + i
-    j = tl.load(idx_ptr + sel, mask=row_ok, other=0)
-    dpre_row = (s * B * l + b * l + i) * m
-    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    for m0 in range(0, m, BLOCK_M):
-        mm = m0 + tl.arange(0, BLOCK_M)
-        m_ok = mm < m
-        dpt = tl.load(dpre_ptr + dpre_row[:, None] + mm[None, :], mask=row_ok[:, None] & m_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + s * swk + mm[:, None].to(tl.int64) * swm + c[None, :].to(tl.int64) * swd,
-                     mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-        acc = tl.dot(dpt, wt, acc, input_precision=PREC)
-    if HAS_DS:
-        ds = tl.load(ds_ptr + sel, mask=row_ok, other=0.0)
-        rt = tl.load(r_ptr + s * srk + c.to(tl.int64) * srd, mask=c_ok, other=0.0).to(tl.float32)
-        acc += ds[:, None] * rt[None, :]
-    dx_off = patch_row_offsets(b, j, Wp, p, sdb, sdh, sdw)[:, None] + patch_col_offsets(c, p, sdc, sdh, sdw)[None, :]
-    return acc, dx_off
+def _rows_bwd_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, inv_ptr, dy_ptr, dpre_ptr, t_ptr,
+                     dg_ptr, ds_ptr, dx_ptr,
+                     sync_ptr,  # int32 (2 + 2 * groups,) ticket counters (utils.take_ticket), zero between launches
+                     B, n, k, l, m, d, Wp, p, GROUP, L_CHUNK, DX_BLOCKS,
+                     stride_xb, stride_xc, stride_xh, stride_xw,  # x: (B, C, H, W), any strides
+                     stride_wk, stride_wm, stride_wd,             # weight: (k, m, d)
+                     stride_bk, stride_bm,                        # bias: (k, m)
+                     stride_rk, stride_rd,                        # router: (k, d)
+                     stride_dyb, stride_dyn,                      # dy: (B, n, out), unit stride over out
+                     stride_db, stride_dc, stride_dh, stride_dw,  # dx: like x
+                     SOURCE: tl.constexpr, COMBINE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     FUSE_DS: tl.constexpr, ONE_PASS: tl.constexpr, DX_HERE: tl.constexpr, HAS_DS: tl.constexpr,
+                     PREC: tl.constexpr, N_POW2: tl.constexpr, BLOCK_D: tl.constexpr, HAS_N2: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_DK: tl.constexpr,
+                     BLOCK_DT: tl.constexpr, BLOCK_K: tl.constexpr, DX_N: tl.constexpr, BLOCK_DX: tl.constexpr):
+    """Step 1 (module docstring), ticket-ordered per image group (utils.take_ticket):
+        copies   GROUP programs copying the group's NCHW patch rows (SOURCE = SRC_ROWS), then
+        tiles    k expert tiles (dpre_tile; wait for the copies), then
+        dX       GROUP * DX_BLOCKS programs (DX_HERE: dx_combine, one image and d block each; wait
+                 for the k tiles), when the score gradient is known here (softmax fused, or none).
+    dpre: (k, B*l, m) and t: (k, B*l, d) in x's dtype; dg / ds: (B, k, l) fp32."""
+    copies = GROUP if SOURCE == SRC_ROWS else 0
+    combines = GROUP * DX_BLOCKS if DX_HERE else 0
+    groups = tl.cdiv(B, GROUP)
+    ticket = take_ticket(sync_ptr)
+    period = copies + k + combines
+    g = ticket // period
+    slot = ticket - g * period
+    if slot < copies:
+        b = g * GROUP + slot
+        if b < B:
+            copy_rows(b, x_ptr, rows_ptr, n, d, Wp, p, stride_xb, stride_xc, stride_xh, stride_xw, N_POW2, BLOCK_D)
+        signal_group(sync_ptr, g)
+    elif slot < copies + k:
+        wait_group(sync_ptr, g, copies)
+        dpre_tile(g, slot - copies, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, dy_ptr, dpre_ptr, t_ptr,
+                  dg_ptr, ds_ptr, B, n, k, l, m, d, Wp, p, GROUP, L_CHUNK, stride_xb, stride_xc, stride_xh,
+                  stride_xw, stride_wk, stride_wm, stride_wd, stride_bk, stride_bm, stride_dyb, stride_dyn,
+                  SOURCE, COMBINE, ACT, HAS_BIAS, FUSE_DS, ONE_PASS, HAS_N2, BLOCK_R, BLOCK_N, BLOCK_N2, BLOCK_DK,
+                  BLOCK_DT, PREC)
+        signal_group(sync_ptr + groups, g)
+    else:
+        wait_group(sync_ptr + groups, g, k)
+        q = slot - copies - k  # image (q // DX_BLOCKS) of the group, d block (q % DX_BLOCKS)
+        b = g * GROUP + q // DX_BLOCKS
+        if b < B:
+            dx_combine(b * DX_BLOCKS + q % DX_BLOCKS, t_ptr, r_ptr, ds_ptr, inv_ptr, ds_ptr, dx_ptr, B, n, k, l, d,
+                       Wp, p, stride_rk, stride_rd, stride_db, stride_dc, stride_dh, stride_dw, HAS_DS, False, DX_N,
+                       BLOCK_K, BLOCK_DX, PREC)
+    finish_ticket(sync_ptr, tl.num_programs(0), 2 * groups)
 
 
-@triton.autotune(configs=pick_configs(DX_CONFIGS), key=["l", "m", "d"], prune_configs_by=PRUNE, reset_to_zero=["dx_ptr"])
 @triton.jit
-def _dx_kernel(dpre_ptr, w_ptr, r_ptr, ds_ptr, idx_ptr, dx_ptr, B, n, k, l, m, d, Wp, p,
-               swk, swm, swd, srk, srd, sdb, sdc, sdh, sdw,
-               HAS_DS: tl.constexpr, PREC: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """dx: fp32 (B, C, H, W) zero-initialised (strides sd*).  Grid: (cdiv(B*l, BLOCK_R), cdiv(d, BLOCK_D), k)."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    s = tl.program_id(2)
-    row_ok = r < B * l
+def dx_combine(pid, t_ptr, r_ptr, ds_ptr, inv_ptr, dsd_ptr, dx_ptr, B, n, k, l, d, Wp, p, stride_rk, stride_rd,
+               stride_db, stride_dc, stride_dh, stride_dw,
+               HAS_DS: tl.constexpr, DENSE: tl.constexpr, N_POW2: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_DX: tl.constexpr, PREC: tl.constexpr):
+    """dX of one image, one d block (module docstring, step 2): per patch, the sum over the
+    experts that took it of T at its rank (inv) plus dS router_s, plus softmax_all's dense term;
+    every patch's row stored once, in x's dtype and layout (zeros where no expert took it)."""
+    d_blocks = tl.cdiv(d, BLOCK_DX)
+    b = (pid // d_blocks).to(tl.int64)
+    c = (pid % d_blocks) * BLOCK_DX + tl.arange(0, BLOCK_DX)
     c_ok = c < d
-    b = (r // l).to(tl.int64)
-    i = r % l
-    acc, dx_off = _dx_rows(dpre_ptr, w_ptr, r_ptr, ds_ptr, idx_ptr, b, i, row_ok, s, c, c_ok, B, n, k, l, m, Wp, p,
-                           swk, swm, swd, srk, srd, sdb, sdc, sdh, sdw, HAS_DS, BLOCK_R, BLOCK_D, BLOCK_M, PREC)
-    tl.atomic_add(dx_ptr + dx_off, acc, mask=row_ok[:, None] & c_ok[None, :], sem="relaxed")
+    for j0 in range(0, n, N_POW2):
+        j = j0 + tl.arange(0, N_POW2)
+        j_ok = j < n
+        acc = tl.zeros((N_POW2, BLOCK_DX), dtype=tl.float32)
+        for s in range(0, k):
+            rank = tl.load(inv_ptr + (b * k + s) * n + j, mask=j_ok, other=-1)
+            took = rank >= 0
+            row = (s * B + b) * l + rank
+            acc += tl.load(t_ptr + row[:, None] * d + c[None, :], mask=took[:, None] & c_ok[None, :],
+                           other=0.0).to(tl.float32)
+            if HAS_DS:
+                ds = tl.load(ds_ptr + (b * k + s) * l + rank, mask=took, other=0.0)
+                rt = tl.load(r_ptr + s * stride_rk + c.to(tl.int64) * stride_rd, mask=c_ok, other=0.0).to(tl.float32)
+                acc += ds[:, None] * rt[None, :]
+        if DENSE:  # softmax_all: every patch's score has a gradient, dsd (B, k, n)
+            e = tl.arange(0, BLOCK_K)
+            dsd = tl.load(dsd_ptr + (b * k + e[None, :]) * n + j[:, None], mask=j_ok[:, None] & (e < k)[None, :],
+                          other=0.0)
+            rt = tl.load(r_ptr + e[:, None].to(tl.int64) * stride_rk + c[None, :].to(tl.int64) * stride_rd,
+                         mask=(e < k)[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            acc = tl.dot(dsd, rt, acc, input_precision=PREC)
+        ptrs = (dx_ptr + patch_row_offsets(tl.full((N_POW2,), b, tl.int64), j, Wp, p, stride_db, stride_dh,
+                                           stride_dw)[:, None]
+                + patch_col_offsets(c, p, stride_dc, stride_dh, stride_dw)[None, :])
+        tl.store(ptrs, acc.to(dx_ptr.dtype.element_ty), mask=j_ok[:, None] & c_ok[None, :])
 
 
-@triton.autotune(configs=pick_configs(DX_DET_CONFIGS), key=["l", "m", "d"], prune_configs_by=PRUNE, restore_value=["dx_ptr"])
 @triton.jit
-def _dx_det_kernel(dpre_ptr, w_ptr, r_ptr, ds_ptr, idx_ptr, dx_ptr, B, n, k, l, m, d, Wp, p,
-                   swk, swm, swd, srk, srd, sdb, sdc, sdh, sdw,
-                   HAS_DS: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Bit-reproducible dX: this program alone owns image b's features in its d block and adds
-    experts 0..k-1 in order (read-modify-write; the barrier orders tiles, see the forward).
-    Grid: (B, cdiv(d, BLOCK_D))."""
-    b = tl.full((BLOCK_R,), tl.program_id(0), tl.int64)
-    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+def dw_tile(pid, x_ptr, rows_ptr, idx_ptr, dpre_ptr, ds_ptr, dw_ptr, db_ptr, dr_ptr, part_ptr, count_ptr,
+            B, n, k, l, m, d, Wp, p, SPLITS, stride_xb, stride_xc, stride_xh, stride_xw,
+            SOURCE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DS: tl.constexpr, HAS_N2: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_DW: tl.constexpr, BLOCK_RK: tl.constexpr,
+            PREC: tl.constexpr):
+    """dW_s[:, d block] (all m), db_s and the router's sparse gradient over one split of expert
+    s's B*l rows, as partials; the split that finishes last adds them (module docstring, step 2).
+    part: (SPLITS, k, m*d + m + d) fp32 (dW, then db, then d router); count: int32
+    (k * d blocks) zeros, left zero (the reducing program resets its counter)."""
+    d_blocks = tl.cdiv(d, BLOCK_DW)
+    q = pid % SPLITS
+    rest = pid // SPLITS
+    dblk = rest % d_blocks
+    s = rest // d_blocks
+    c = dblk * BLOCK_DW + tl.arange(0, BLOCK_DW)
     c_ok = c < d
-    for s in range(0, k):
-        for i0 in range(0, l, BLOCK_R):
-            i = i0 + tl.arange(0, BLOCK_R)
-            row_ok = i < l
-            acc, dx_off = _dx_rows(dpre_ptr, w_ptr, r_ptr, ds_ptr, idx_ptr, b, i, row_ok, s, c, c_ok, B, n, k, l, m,
-                                   Wp, p, swk, swm, swd, srk, srd, sdb, sdc, sdh, sdw,
-                                   HAS_DS, BLOCK_R, BLOCK_D, BLOCK_M, PREC)
-            mask = row_ok[:, None] & c_ok[None, :]
-            tl.store(dx_ptr + dx_off, tl.load(dx_ptr + dx_off, mask=mask, other=0.0) + acc, mask=mask)
-            tl.debug_barrier()
-
-
-@triton.autotune(configs=pick_configs(DW_CONFIGS), key=["l", "m", "d"], prune_configs_by=PRUNE)
-@triton.jit
-def _dw_kernel(x_ptr, idx_ptr, dpre_ptr, ds_ptr, dw_ptr, db_ptr, dr_ptr, B, n, k, l, m, d, Wp, p,
-               sxb, sxc, sxh, sxw,
-               HAS_BIAS: tl.constexpr, HAS_DS: tl.constexpr, PREC: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
-    """dw: (k, m, d) fp32; db: (k, m) fp32; dr: (k, d) fp32 (the router's sparse part).
-    The reduction runs over all B*l rows inside one program (fixed order).  Grid:
-    (cdiv(m, BLOCK_M), cdiv(d, BLOCK_D), k); the bias sum is stored by the d-block-0 programs and
-    the router sum by the m-block-0 ones (the others compute and drop them: elementwise, cheap)."""
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    s = tl.program_id(2)
-    mm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_ok = mm < m
-    c_ok = c < d
-    col_off = patch_col_offsets(c, p, sxc, sxh, sxw)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    db = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    dr = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for r0 in range(0, B * l, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        row_ok = r < B * l
-        b = (r // l).to(tl.int64)
-        sel = (b * k + s) * l + r % l
-        j = tl.load(idx_ptr + sel, mask=row_ok, other=0)
-        xt = tl.load(x_ptr + patch_row_offsets(b, j, Wp, p, sxb, sxh, sxw)[:, None] + col_off[None, :],
-                     mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        dpt = tl.load(dpre_ptr + (s * B * l + r).to(tl.int64)[:, None] * m + mm[None, :],
-                      mask=row_ok[:, None] & m_ok[None, :], other=0.0)
-        acc = tl.dot(tl.trans(dpt), xt, acc, input_precision=PREC)
+    cols: tl.constexpr = BLOCK_N + BLOCK_N2 if HAS_N2 else BLOCK_N
+    part = part_ptr + (q * k + s).to(tl.int64) * (m * d + m + d)
+    rows = B * l
+    per = tl.cdiv(tl.cdiv(rows, SPLITS), BLOCK_RK) * BLOCK_RK
+    r_lo = q * per
+    r_hi = tl.minimum(r_lo + per, rows)
+    for n0 in range(0, m, cols):
+        o1 = n0 + tl.arange(0, BLOCK_N)
+        o2 = n0 + BLOCK_N + tl.arange(0, BLOCK_N2)
+        first = n0 == 0
+        acc1 = tl.zeros((BLOCK_N, BLOCK_DW), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N2, BLOCK_DW), dtype=tl.float32)
+        db1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        db2 = tl.zeros((BLOCK_N2,), dtype=tl.float32)
+        dr = tl.zeros((BLOCK_DW,), dtype=tl.float32)
+        for r0 in range(r_lo, r_hi, BLOCK_RK):
+            r = r0 + tl.arange(0, BLOCK_RK)
+            r_ok = r < r_hi
+            b = (r // l).to(tl.int64)
+            sel = (b * k + s) * l + r % l
+            j = tl.load(idx_ptr + sel, mask=r_ok, other=0)
+            src = source_rows(b, j, n, d, Wp, p, stride_xb, stride_xh, stride_xw, SOURCE)
+            col_off = source_cols(c, p, stride_xc, stride_xh, stride_xw, SOURCE)
+            if SOURCE == SRC_ROWS:
+                xs = tl.load(rows_ptr + src[:, None] + col_off[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+            else:
+                xs = tl.load(x_ptr + src[:, None] + col_off[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+            dpre_row = (s * rows + r).to(tl.int64) * m
+            dp1 = tl.load(dpre_ptr + dpre_row[:, None] + o1[None, :], mask=r_ok[:, None] & (o1 < m)[None, :],
+                          other=0.0)
+            acc1 = tl.dot(tl.trans(dp1), xs, acc1, input_precision=PREC)
+            db1 += tl.sum(dp1.to(tl.float32), axis=0)
+            if HAS_N2:
+                dp2 = tl.load(dpre_ptr + dpre_row[:, None] + o2[None, :], mask=r_ok[:, None] & (o2 < m)[None, :],
+                              other=0.0)
+                acc2 = tl.dot(tl.trans(dp2), xs, acc2, input_precision=PREC)
+                db2 += tl.sum(dp2.to(tl.float32), axis=0)
+            if HAS_DS:
+                ds = tl.load(ds_ptr + sel, mask=r_ok, other=0.0)
+                dr += tl.sum(ds[:, None] * xs.to(tl.float32), axis=0)
+        tl.store(part + o1[:, None] * d + c[None, :], acc1, mask=(o1 < m)[:, None] & c_ok[None, :])
+        if HAS_N2:
+            tl.store(part + o2[:, None] * d + c[None, :], acc2, mask=(o2 < m)[:, None] & c_ok[None, :])
         if HAS_BIAS:
-            db += tl.sum(dpt.to(tl.float32), axis=0)
+            if dblk == 0:
+                tl.store(part + m * d + o1, db1, mask=o1 < m)
+                if HAS_N2:
+                    tl.store(part + m * d + o2, db2, mask=o2 < m)
         if HAS_DS:
-            ds = tl.load(ds_ptr + sel, mask=row_ok, other=0.0)
-            dr += tl.sum(ds[:, None] * xt.to(tl.float32), axis=0)
-    tl.store(dw_ptr + (s * m + mm).to(tl.int64)[:, None] * d + c[None, :], acc, mask=m_ok[:, None] & c_ok[None, :])
-    if HAS_BIAS:
-        if pid_d == 0:
-            tl.store(db_ptr + s * m + mm, db, mask=m_ok)
+            if first:
+                tl.store(part + m * d + m + c, dr, mask=c_ok)
+    tl.debug_barrier()  # this split's partials happen before its arrival
+    arrived = tl.atomic_add(count_ptr + s * d_blocks + dblk, 1, sem="acq_rel")
+    if arrived == SPLITS - 1:
+        tl.store(count_ptr + s * d_blocks + dblk + tl.arange(0, 1), tl.zeros((1,), dtype=tl.int32))  # for the next launch
+        tl.debug_barrier()
+        dw_reduce(s, dblk, c, c_ok, part_ptr, dw_ptr, db_ptr, dr_ptr, k, m, d, SPLITS,
+                  HAS_BIAS, HAS_DS, BLOCK_N, BLOCK_DW)
+
+
+@triton.jit
+def dw_reduce(s, dblk, c, c_ok, part_ptr, dw_ptr, db_ptr, dr_ptr, k, m, d, SPLITS,
+              HAS_BIAS: tl.constexpr, HAS_DS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DW: tl.constexpr):
+    """Add the SPLITS partials of (expert s, d block) in split order, BLOCK_N columns at a time;
+    write dW (weight dtype), db (bias dtype) and the router's sparse gradient (router dtype, or
+    fp32 when softmax_all adds its dense part after)."""
+    for n0 in range(0, m, BLOCK_N):
+        o = n0 + tl.arange(0, BLOCK_N)
+        mask = (o < m)[:, None] & c_ok[None, :]
+        tot = tl.zeros((BLOCK_N, BLOCK_DW), dtype=tl.float32)
+        tb = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for q in range(0, SPLITS):
+            part = part_ptr + (q * k + s).to(tl.int64) * (m * d + m + d)
+            tot += tl.load(part + o[:, None] * d + c[None, :], mask=mask, other=0.0)
+            if HAS_BIAS:
+                if dblk == 0:
+                    tb += tl.load(part + m * d + o, mask=o < m, other=0.0)
+        tl.store(dw_ptr + (s * m + o).to(tl.int64)[:, None] * d + c[None, :], tot.to(dw_ptr.dtype.element_ty),
+                 mask=mask)
+        if HAS_BIAS:
+            if dblk == 0:
+                tl.store(db_ptr + s * m + o, tb.to(db_ptr.dtype.element_ty), mask=o < m)
     if HAS_DS:
-        if pid_m == 0:
-            tl.store(dr_ptr + s * d + c, dr, mask=c_ok)
+        tr = tl.zeros((BLOCK_DW,), dtype=tl.float32)
+        for q in range(0, SPLITS):
+            tr += tl.load(part_ptr + (q * k + s).to(tl.int64) * (m * d + m + d) + m * d + m + c, mask=c_ok, other=0.0)
+        tl.store(dr_ptr + s * d + c, tr.to(dr_ptr.dtype.element_ty), mask=c_ok)
+
+
+@triton.jit
+def _dx_dw_kernel(x_ptr, rows_ptr, idx_ptr, inv_ptr, dpre_ptr, t_ptr, ds_ptr, dsd_ptr, r_ptr,
+                  dx_ptr, dw_ptr, db_ptr, dr_ptr, part_ptr, count_ptr,
+                  B, n, k, l, m, d, Wp, p, SPLITS, DX_PROGRAMS,
+                  stride_xb, stride_xc, stride_xh, stride_xw,   # x: (B, C, H, W)
+                  stride_rk, stride_rd,                         # router: (k, d)
+                  stride_db, stride_dc, stride_dh, stride_dw,   # dx: like x
+                  SOURCE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DS: tl.constexpr, DENSE: tl.constexpr,
+                  PREC: tl.constexpr, N_POW2: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DX: tl.constexpr,
+                  HAS_N2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_DW: tl.constexpr,
+                  BLOCK_RK: tl.constexpr):
+    """Step 2 (module docstring).  t: (k, B*l, d) in x's dtype, T of step 1.  Grid: DX_PROGRAMS =
+    B * cdiv(d, BLOCK_DX) dX programs, then k * cdiv(d, BLOCK_DW) * SPLITS dW programs."""
+    pid = tl.program_id(0)
+    if pid < DX_PROGRAMS:
+        dx_combine(pid, t_ptr, r_ptr, ds_ptr, inv_ptr, dsd_ptr, dx_ptr, B, n, k, l, d, Wp, p, stride_rk, stride_rd,
+                   stride_db, stride_dc, stride_dh, stride_dw, HAS_DS, DENSE, N_POW2, BLOCK_K, BLOCK_DX, PREC)
+    else:
+        dw_tile(pid - DX_PROGRAMS, x_ptr, rows_ptr, idx_ptr, dpre_ptr, ds_ptr, dw_ptr, db_ptr, dr_ptr, part_ptr,
+                count_ptr, B, n, k, l, m, d, Wp, p, SPLITS, stride_xb, stride_xc, stride_xh, stride_xw,
+                SOURCE, HAS_BIAS, HAS_DS, HAS_N2, BLOCK_N, BLOCK_N2, BLOCK_DW, BLOCK_RK, PREC)

@@ -1,172 +1,250 @@
-"""Expert forward: gathered patch rows x W_s^T (+ b_s), activation, gate, placed into y.
+"""Forward: routing, top-l, gates and the grouped expert GEMM in one launch.
 
-Rows are the (image, rank) pairs of one expert, flattened to B*l, so a tile of BLOCK_R rows
-spans several images when l is small (l = 2..16 is common; tl.dot needs >= 16 rows): one
-grouped GEMM per expert, the grid's third axis.  Each row's patch is gathered straight from the
-(B, C, H, W) map (implicit GEMM) and its output written at the patch's place in y (B, n, out):
-    concat: y[b, j, s*m:(s+1)*m] = h  (each (patch, expert) pair is unique: a plain store)
-    sum:    y[b, j, :] += h           (atomics into an fp32 buffer), or, deterministic, one
-            program per (image, m block) adds the experts in order 0..k-1 (no atomics).
-Nothing is saved for backward here: pre-activations are recomputed (see op.py for the bytes).
+One launch (MODE = FWD_FUSED) runs two kinds of programs, told apart by a ticket: an atomic
+counter each program takes first, so tickets follow the order programs actually start.
 
-Pooled variants (the paper's classifier sums the layer's output over all patches): the same
-expert GEMM, but the epilogue reduces the tile's rows image by image and adds them into
-out (B, out_cols), out[b, o] = sum_j y[b, j, o]; the (B, n, out) map is never written:
-    _expert_pool_kernel      fp32 atomics, one per (image in the tile, column);
-    _expert_pool_det_kernel  one program per (image, m block) sums experts 0..k-1 and their row
-                             tiles in a fixed order: bit-identical run to run, no atomics.
+  route program, one per image: routing.route_image.  Reads the image's patches once, keeps its
+      (n, k) scores in registers, selects each expert's top-l and gates, writes idx / gates / inv
+      and the concat zeros, and, for an NCHW map (SOURCE = SRC_ROWS), copies the image's patch
+      rows K-contiguous into `rows` (B*n, d) on the same pass.  Then it counts itself done on its
+      group's counter (release).
+  expert tile, one per (image group, expert): waits until the group's GROUP route programs are
+      done (acquire), then runs that expert's GEMM over the group's GROUP*l chosen rows and all of
+      its m outputs (expert_tile), and writes them.
+
+Tickets are laid out group by group: GROUP route tickets, then TILES expert tickets, so the tiles
+of a group start right after its routing, while its rows are still in L2 (for a channels-last
+map the tiles gather straight from x, whose rows the route programs just read).  A program waits
+only on smaller tickets, held by programs that already started and never wait themselves: no
+deadlock, whatever order the GPU starts programs in.  The interpreter runs programs in order, so
+there nothing ever spins.  MODE = FWD_ROUTE / FWD_EXPERTS run the two halves as separate
+launches (grids B and groups*TILES), for the split route (launch.py) and for tests.
+
+Expert tiles (expert_tile).  Rows are (image, rank) pairs of GROUP whole images:
+    r in [0, BLOCK_R):  image g*GROUP + r // L_CHUNK,  rank i0 + r % L_CHUNK
+with L_CHUNK = l when whole images fit (GROUP = BLOCK_R // l), else GROUP = 1 and the tile loops
+over chunks of L_CHUNK = BLOCK_R ranks.  Columns: BLOCK_N (+ BLOCK_N2 when HAS_N2), covering all
+of m in one pass when m <= 256 (e.g. 160 = 128 + 32), so each row is gathered once per expert;
+wider experts (the sum combine) take several passes.  Epilogue, by combine:
+    concat:          y[b, j, s*m + o] = h                          (each element has one owner)
+    sum:             y[b, j, o] += h   fp32 atomics, or, deterministic (TILES = 1: the tile runs
+                                       experts 0..k-1 in order), read-modify-write
+    pooled concat:   out[b, s*m + o] += sum over the image's rows   (one owner: read-modify-write)
+    pooled sum:      out[b, o]       += ... atomics, or deterministic as sum
+Nothing is saved for the backward beyond idx / gates / inv (and scores / lse for softmax_all):
+pre-activations are recomputed there.
 """
 import triton
 import triton.language as tl
 
-from .utils import activation, expert_preact, patch_row_offsets, PRUNE, pick_configs
-
-# Configs: the largest tiles that compile without spills on sm_90 and sm_80 for fp32 (tf32x3)
-# and 16-bit inputs (bench/compile_report.py); the gathered addresses are int64 per element.
-EXPERT_FWD_CONFIGS = [
-    triton.Config({"BLOCK_R": 32, "BLOCK_M": 32, "BLOCK_D": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_R": 64, "BLOCK_M": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
-]
-# one program per (image, m block): its row tiles hold one image's l patches
-EXPERT_FWD_DET_CONFIGS = [
-    triton.Config({"BLOCK_R": 16, "BLOCK_M": 32, "BLOCK_D": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_R": 64, "BLOCK_M": 64, "BLOCK_D": 32}, num_warps=8, num_stages=2),
-]
+from .modes import COMBINE_CONCAT, COMBINE_SUM, FWD_EXPERTS, FWD_FUSED, FWD_ROUTE, SRC_MAP, SRC_ROWS
+from .routing import route_image
+from .utils import (activation, finish_ticket, patch_col_offsets, patch_row_offsets, signal_group, take_ticket,
+                    wait_group)
 
 
 @triton.jit
-def _out_cols(s, mm, out_cols, k, COMBINE: tl.constexpr):
-    """Output columns of expert s's channels mm: its own block for concat, shared for sum."""
-    if COMBINE == 0:
-        return s * (out_cols // k) + mm
+def tile_rows(g, i0, B, l, GROUP, L_CHUNK, BLOCK_R: tl.constexpr):
+    """The tile's rows: image b (int64), rank i and validity of r in [0, BLOCK_R), and the row's
+    image slot in the group (for per-image reductions)."""
+    r = tl.arange(0, BLOCK_R)
+    slot = r // L_CHUNK
+    b = (g * GROUP + slot).to(tl.int64)
+    i = i0 + r % L_CHUNK
+    ok = (slot < GROUP) & (b < B) & (i < l)
+    return b, i, slot, ok
+
+
+@triton.jit
+def source_rows(b, j, n, d, Wp, p, stride_xb, stride_xh, stride_xw, SOURCE: tl.constexpr):
+    """int64 offsets of rows (b, j) in the gather source: the map through its strides
+    (SRC_MAP), or the K-contiguous row copy (SRC_ROWS)."""
+    if SOURCE == SRC_MAP:
+        return patch_row_offsets(b, j, Wp, p, stride_xb, stride_xh, stride_xw)
+    elif SOURCE == SRC_ROWS:
+        return (b * n + j) * d
     else:
-        return mm
+        tl.static_assert(False, "unknown source code")
 
 
 @triton.jit
-def _expert_rows(x_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, b, i, row_ok, s, mm, m_ok, n, k, l, d, Wp, p,
-                 sxb, sxc, sxh, sxw, swk, swm, swd, sbk, sbm, out_cols,
-                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, COMBINE: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """h = G * act(W_s x_j + b_s) for rows (b, i) of expert s, and their offsets into y."""
-    sel = (b * k + s) * l + i
-    j = tl.load(idx_ptr + sel, mask=row_ok, other=0)
-    g = tl.load(gates_ptr + sel, mask=row_ok, other=0.0)
-    row_off = patch_row_offsets(b, j, Wp, p, sxb, sxh, sxw)
-    pre = expert_preact(x_ptr, w_ptr, b_ptr, s, row_off, row_ok, mm, m_ok, d, p, sxc, sxh, sxw,
-                        swk, swm, swd, sbk, sbm, HAS_BIAS, BLOCK_R, BLOCK_M, BLOCK_D, PREC)
-    h = activation(pre, ACT) * g[:, None]
-    y_off = (b * n + j)[:, None] * out_cols + _out_cols(s, mm, out_cols, k, COMBINE)[None, :]
-    return h, y_off
-
-
-@triton.autotune(configs=pick_configs(EXPERT_FWD_CONFIGS), key=["l", "m", "d", "COMBINE"], prune_configs_by=PRUNE, reset_to_zero=["y_ptr"])
-@triton.jit
-def _expert_fwd_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, y_ptr, B, n, k, l, m, d, Wp, p,
-                       sxb, sxc, sxh, sxw, swk, swm, swd, sbk, sbm, out_cols,
-                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, COMBINE: tl.constexpr, PREC: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """x: (B,C,H,W) any strides; w: (k, m, d); bias: (k, m); idx/gates: (B, k, l);
-    y: (B, n, out_cols) contiguous (fp32 buffer for sum).  Grid: (cdiv(B*l, BLOCK_R), cdiv(m, BLOCK_M), k).
-    reset_to_zero: the sum path accumulates, so autotuning must start each trial from zeros."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    s = tl.program_id(2)
-    row_ok = r < B * l
-    m_ok = mm < m
-    b = (r // l).to(tl.int64)
-    i = r % l
-    h, y_off = _expert_rows(x_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, b, i, row_ok, s, mm, m_ok, n, k, l, d,
-                            Wp, p, sxb, sxc, sxh, sxw, swk, swm, swd, sbk, sbm, out_cols,
-                            HAS_BIAS, ACT, COMBINE, BLOCK_R, BLOCK_M, BLOCK_D, PREC)
-    mask = row_ok[:, None] & m_ok[None, :]
-    if COMBINE == 0:
-        tl.store(y_ptr + y_off, h.to(y_ptr.dtype.element_ty), mask=mask)
+def source_cols(c, p, stride_xc, stride_xh, stride_xw, SOURCE: tl.constexpr):
+    """int64 offsets of features c (unfold order) inside a row of the gather source."""
+    if SOURCE == SRC_MAP:
+        return patch_col_offsets(c, p, stride_xc, stride_xh, stride_xw)
+    elif SOURCE == SRC_ROWS:
+        return c.to(tl.int64)
     else:
-        tl.atomic_add(y_ptr + y_off, h, mask=mask, sem="relaxed")
+        tl.static_assert(False, "unknown source code")
 
 
-@triton.autotune(configs=pick_configs(EXPERT_FWD_DET_CONFIGS), key=["l", "m", "d"], prune_configs_by=PRUNE, restore_value=["y_ptr"])
 @triton.jit
-def _expert_fwd_sum_det_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, y_ptr, B, n, k, l, m, d, Wp, p,
-                               sxb, sxc, sxh, sxw, swk, swm, swd, sbk, sbm, out_cols,
-                               HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
-                               BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Bit-reproducible sum combine: this program alone owns y[b, :, m block] and adds experts
-    0..k-1 in order.  An expert's l patches are distinct, so one tile never hits a y row twice;
-    the barrier orders one tile's read-modify-write before the next tile's (threads differ).
-    y: (B, n, m) fp32, zero-initialised.  Grid: (B, cdiv(m, BLOCK_M))."""
-    b = tl.full((BLOCK_R,), tl.program_id(0), tl.int64)
-    mm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = mm < m
-    for s in range(0, k):
-        for i0 in range(0, l, BLOCK_R):
-            i = i0 + tl.arange(0, BLOCK_R)
-            row_ok = i < l
-            h, y_off = _expert_rows(x_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, b, i, row_ok, s, mm, m_ok, n, k, l,
-                                    d, Wp, p, sxb, sxc, sxh, sxw, swk, swm, swd, sbk, sbm, out_cols,
-                                    HAS_BIAS, ACT, 1, BLOCK_R, BLOCK_M, BLOCK_D, PREC)
-            mask = row_ok[:, None] & m_ok[None, :]
-            tl.store(y_ptr + y_off, tl.load(y_ptr + y_off, mask=mask, other=0.0) + h, mask=mask)
-            tl.debug_barrier()
+def rows_gemm(src_ptr, row_off, ok, w_ptr, b_ptr, s, n0, m, d, p, stride_xc, stride_xh, stride_xw,
+              stride_wk, stride_wm, stride_wd, stride_bk, stride_bm, SOURCE: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_N2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr,
+              BLOCK_DK: tl.constexpr, PREC: tl.constexpr):
+    """(BLOCK_R, BLOCK_N) and (BLOCK_R, BLOCK_N2) fp32 pre-activations W_s x + b_s of the gathered
+    rows, columns n0.. and n0 + BLOCK_N.. of expert s's m (the second block only with HAS_N2):
+    the K loop reads each row's d features once for both blocks; the bias starts the
+    accumulators (no epilogue add to keep live)."""
+    o1 = n0 + tl.arange(0, BLOCK_N)
+    o2 = n0 + BLOCK_N + tl.arange(0, BLOCK_N2)
+    w_s = w_ptr + s * stride_wk  # k*m*d < 2^31: a weight tensor of 8 GB would not fit
+    acc1 = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_R, BLOCK_N2), dtype=tl.float32)
+    if HAS_BIAS:
+        acc1 += tl.load(b_ptr + s * stride_bk + o1 * stride_bm, mask=o1 < m, other=0.0).to(tl.float32)[None, :]
+        acc2 += tl.load(b_ptr + s * stride_bk + o2 * stride_bm, mask=o2 < m, other=0.0).to(tl.float32)[None, :]
+    for d0 in range(0, d, BLOCK_DK):
+        c = d0 + tl.arange(0, BLOCK_DK)
+        c_ok = c < d
+        col_off = source_cols(c, p, stride_xc, stride_xh, stride_xw, SOURCE)
+        xs = tl.load(src_ptr + row_off[:, None] + col_off[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
+        w1 = tl.load(w_s + o1[None, :].to(tl.int64) * stride_wm + c[:, None].to(tl.int64) * stride_wd,
+                     mask=c_ok[:, None] & (o1 < m)[None, :], other=0.0)
+        acc1 = tl.dot(xs, w1, acc1, input_precision=PREC)
+        if HAS_N2:
+            w2 = tl.load(w_s + o2[None, :].to(tl.int64) * stride_wm + c[:, None].to(tl.int64) * stride_wd,
+                         mask=c_ok[:, None] & (o2 < m)[None, :], other=0.0)
+            acc2 = tl.dot(xs, w2, acc2, input_precision=PREC)
+    return acc1, acc2
 
 
-@triton.autotune(configs=pick_configs(EXPERT_FWD_CONFIGS), key=["l", "m", "d", "COMBINE"], prune_configs_by=PRUNE, reset_to_zero=["out_ptr"])
 @triton.jit
-def _expert_pool_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, out_ptr, B, n, k, l, m, d, Wp, p,
-                        sxb, sxc, sxh, sxw, swk, swm, swd, sbk, sbm, out_cols,
-                        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, COMBINE: tl.constexpr, PREC: tl.constexpr,
-                        BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[b, cols] += sum over this tile's rows of image b of h.  out: (B, out_cols) fp32 zeroed.
-    Grid: (cdiv(B*l, BLOCK_R), cdiv(m, BLOCK_M), k), the rows as in _expert_fwd_kernel.
-
-    Rows are image-major (r = b*l + i), so the tile holds images r0 // l .. (r_end - 1) // l,
-    at most BLOCK_R of them (l = 1), usually 1 + BLOCK_R // l.  Each image's rows are picked with
-    tl.where, not multiplied by a 0/1 matrix: a NaN/inf row of one image must not reach another
-    image's sum (0 * inf = NaN)."""
-    r0 = tl.program_id(0) * BLOCK_R
-    r = r0 + tl.arange(0, BLOCK_R)
-    mm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    s = tl.program_id(2)
-    row_ok = r < B * l
-    m_ok = mm < m
-    b = (r // l).to(tl.int64)
-    i = r % l
-    h, _ = _expert_rows(x_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, b, i, row_ok, s, mm, m_ok, n, k, l, d,
-                        Wp, p, sxb, sxc, sxh, sxw, swk, swm, swd, sbk, sbm, out_cols,
-                        HAS_BIAS, ACT, COMBINE, BLOCK_R, BLOCK_M, BLOCK_D, PREC)
-    cols = _out_cols(s, mm, out_cols, k, COMBINE)
-    b_first = (r0 // l).to(tl.int64)
-    n_img = (tl.minimum(r0 + BLOCK_R, B * l) - 1) // l - b_first + 1
-    for t in range(0, n_img):
-        part = tl.sum(tl.where((b == b_first + t)[:, None], h, 0.0), axis=0)
-        tl.atomic_add(out_ptr + (b_first + t) * out_cols + cols, part, mask=m_ok, sem="relaxed")
+def expert_output(pre, gate, ACT: tl.constexpr):
+    """h = G * act(pre), fp32."""
+    return activation(pre, ACT) * gate[:, None]
 
 
-@triton.autotune(configs=pick_configs(EXPERT_FWD_DET_CONFIGS), key=["l", "m", "d", "COMBINE"], prune_configs_by=PRUNE)
 @triton.jit
-def _expert_pool_det_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, out_ptr, B, n, k, l, m, d, Wp, p,
-                            sxb, sxc, sxh, sxw, swk, swm, swd, sbk, sbm, out_cols,
-                            HAS_BIAS: tl.constexpr, ACT: tl.constexpr, COMBINE: tl.constexpr, PREC: tl.constexpr,
-                            BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Bit-reproducible pooled forward: this program alone owns out[b, column block(s)], sums
-    its l rows tile by tile and the experts 0..k-1 in order, and stores each value once (in
-    out's dtype: no fp32 buffer).  out: (B, out_cols).  Grid: (B, cdiv(m, BLOCK_M))."""
-    b = tl.full((BLOCK_R,), tl.program_id(0), tl.int64)
-    mm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = mm < m
-    out_row = out_ptr + tl.program_id(0).to(tl.int64) * out_cols
-    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for s in range(0, k):
-        for i0 in range(0, l, BLOCK_R):
-            i = i0 + tl.arange(0, BLOCK_R)
-            row_ok = i < l
-            h, _ = _expert_rows(x_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, b, i, row_ok, s, mm, m_ok, n, k, l,
-                                d, Wp, p, sxb, sxc, sxh, sxw, swk, swm, swd, sbk, sbm, out_cols,
-                                HAS_BIAS, ACT, COMBINE, BLOCK_R, BLOCK_M, BLOCK_D, PREC)
-            acc += tl.sum(tl.where(row_ok[:, None], h, 0.0), axis=0)
-        if COMBINE == 0:  # concat: expert s owns its own channel block
-            tl.store(out_row + _out_cols(s, mm, out_cols, k, COMBINE), acc.to(out_ptr.dtype.element_ty), mask=m_ok)
-            acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if COMBINE == 1:
-        tl.store(out_row + mm, acc.to(out_ptr.dtype.element_ty), mask=m_ok)
+def store_output(h, y_ptr, b, j, slot, ok, s, o, n, k, m, out_cols, GROUP,
+                 COMBINE: tl.constexpr, POOLED: tl.constexpr, ATOMIC: tl.constexpr):
+    """Place h (BLOCK_R, cols o of expert s) into y (B, n, out_cols) or, pooled, add its
+    per-image sums into out (B, out_cols) fp32 (see the module docstring for who owns what)."""
+    if COMBINE == COMBINE_CONCAT:
+        col = s * m + o
+    elif COMBINE == COMBINE_SUM:
+        col = o
+    else:
+        tl.static_assert(False, "unknown combine code")
+    o_ok = o < m
+    if POOLED:
+        for t in range(0, GROUP):
+            in_t = ok & (slot == t)
+            part = tl.sum(tl.where(in_t[:, None], h, 0.0), axis=0)
+            b_t = tl.max(tl.where(in_t, b, -1), axis=0)
+            ptrs = y_ptr + b_t * out_cols + col
+            if b_t >= 0:
+                if ATOMIC:
+                    tl.atomic_add(ptrs, part, mask=o_ok, sem="relaxed")
+                else:
+                    tl.store(ptrs, tl.load(ptrs, mask=o_ok, other=0.0) + part, mask=o_ok)
+    else:
+        ptrs = y_ptr + ((b * n + j) * out_cols)[:, None] + col[None, :]
+        mask = ok[:, None] & o_ok[None, :]
+        if COMBINE == COMBINE_CONCAT:
+            tl.store(ptrs, h.to(y_ptr.dtype.element_ty), mask=mask)
+        elif ATOMIC:
+            tl.atomic_add(ptrs, h, mask=mask, sem="relaxed")
+        else:
+            tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + h, mask=mask)
+
+
+@triton.jit
+def expert_tile(g, tile, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, y_ptr,
+                B, n, k, l, m, d, out_cols, Wp, p, GROUP, L_CHUNK, TILES,
+                stride_xb, stride_xc, stride_xh, stride_xw, stride_wk, stride_wm, stride_wd, stride_bk, stride_bm,
+                SOURCE: tl.constexpr, COMBINE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                POOLED: tl.constexpr, EXPERT_LOOP: tl.constexpr, HAS_N2: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_DK: tl.constexpr, PREC: tl.constexpr):
+    """Expert `tile`'s GEMM over image group g, or, EXPERT_LOOP (TILES = 1, the deterministic
+    sum), every expert in order; see the module docstring."""
+    atomic: tl.constexpr = (COMBINE == COMBINE_SUM) and not EXPERT_LOOP
+    cols: tl.constexpr = BLOCK_N + BLOCK_N2 if HAS_N2 else BLOCK_N
+    if SOURCE == SRC_MAP:
+        src_ptr = x_ptr
+    else:
+        src_ptr = rows_ptr
+    if EXPERT_LOOP:
+        s_lo = 0
+        s_hi = k
+    else:
+        s_lo = tile
+        s_hi = tile + 1
+    for s in range(s_lo, s_hi):
+        for i0 in range(0, l, L_CHUNK):
+            b, i, slot, ok = tile_rows(g, i0, B, l, GROUP, L_CHUNK, BLOCK_R)
+            sel = (b * k + s) * l + i
+            j = tl.load(idx_ptr + sel, mask=ok, other=0)
+            gate = tl.load(gates_ptr + sel, mask=ok, other=0.0)
+            row_off = source_rows(b, j, n, d, Wp, p, stride_xb, stride_xh, stride_xw, SOURCE)
+            for n0 in range(0, m, cols):
+                acc1, acc2 = rows_gemm(src_ptr, row_off, ok, w_ptr, b_ptr, s, n0, m, d, p, stride_xc, stride_xh,
+                                       stride_xw, stride_wk, stride_wm, stride_wd, stride_bk, stride_bm, SOURCE,
+                                       HAS_BIAS, HAS_N2, BLOCK_R, BLOCK_N, BLOCK_N2, BLOCK_DK, PREC)
+                o1 = n0 + tl.arange(0, BLOCK_N)
+                h1 = expert_output(acc1, gate, ACT)
+                store_output(h1, y_ptr, b, j, slot, ok, s, o1, n, k, m, out_cols, GROUP, COMBINE, POOLED, atomic)
+                if HAS_N2:
+                    o2 = n0 + BLOCK_N + tl.arange(0, BLOCK_N2)
+                    h2 = expert_output(acc2, gate, ACT)
+                    store_output(h2, y_ptr, b, j, slot, ok, s, o2, n, k, m, out_cols, GROUP, COMBINE, POOLED, atomic)
+            if not atomic:
+                tl.debug_barrier()  # read-modify-writes of the next chunk / expert see these
+
+
+@triton.jit
+def _forward_kernel(x_ptr, rows_ptr, r_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, gates_out_ptr, inv_ptr, scores_ptr,
+                    lse_ptr, y_ptr,
+                    sync_ptr,  # int32 (2 + groups,) ticket counters (utils.take_ticket), zero between launches
+                    B, n, d, k, l, m, out_cols, Wp, p, GROUP, L_CHUNK, TILES,
+                    stride_xb, stride_xc, stride_xh, stride_xw,  # x: (B, C, H, W), any strides
+                    stride_rk, stride_rd,                        # router: (k, d)
+                    stride_wk, stride_wm, stride_wd,             # weight: (k, m, d)
+                    stride_bk, stride_bm,                        # bias: (k, m)
+                    MODE: tl.constexpr, GATE: tl.constexpr, COMBINE: tl.constexpr, ACT: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, SOURCE: tl.constexpr, POOLED: tl.constexpr, ZERO_FILL: tl.constexpr,
+                    STORE_SCORES: tl.constexpr, EXPERT_LOOP: tl.constexpr, PREC: tl.constexpr,
+                    N_POW2: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    HAS_N2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr,
+                    BLOCK_DK: tl.constexpr):
+    """The pMoE forward (module docstring).  rows: (B*n, d) in x's dtype (SRC_ROWS); idx/gates
+    (B, k, l), gates_out the gates again in x's dtype (Routing.gates); inv (B, k, n) int32; scores (B, k, n) fp32 (STORE_SCORES); lse (B, k) fp32;
+    y: (B, n, out_cols) in x's dtype (concat) or fp32 zeros (sum), or pooled (B, out_cols) fp32
+    zeros.  Grid: FUSED groups*(GROUP + TILES); ROUTE B; EXPERTS groups*TILES."""
+    if MODE == FWD_FUSED:
+        ticket = take_ticket(sync_ptr)
+        period = GROUP + TILES
+        g = ticket // period
+        slot = ticket - g * period
+        if slot < GROUP:
+            b = g * GROUP + slot
+            if b < B:
+                route_image(b, x_ptr, r_ptr, rows_ptr, idx_ptr, gates_ptr, gates_out_ptr, inv_ptr, scores_ptr,
+                            lse_ptr, y_ptr, n, d, k, l, m, out_cols, Wp, p, stride_xb, stride_xc, stride_xh,
+                            stride_xw, stride_rk, stride_rd, GATE, ZERO_FILL, STORE_SCORES, SOURCE == SRC_ROWS,
+                            N_POW2, BLOCK_K, BLOCK_D, BLOCK_M, PREC)
+            signal_group(sync_ptr, g)
+        else:
+            wait_group(sync_ptr, g, GROUP)
+            expert_tile(g, slot - GROUP, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, y_ptr,
+                        B, n, k, l, m, d, out_cols, Wp, p, GROUP, L_CHUNK, TILES,
+                        stride_xb, stride_xc, stride_xh, stride_xw, stride_wk, stride_wm, stride_wd,
+                        stride_bk, stride_bm, SOURCE, COMBINE, ACT, HAS_BIAS, POOLED, EXPERT_LOOP, HAS_N2,
+                        BLOCK_R, BLOCK_N, BLOCK_N2, BLOCK_DK, PREC)
+        finish_ticket(sync_ptr, tl.num_programs(0), tl.cdiv(B, GROUP))
+    elif MODE == FWD_ROUTE:
+        route_image(tl.program_id(0), x_ptr, r_ptr, rows_ptr, idx_ptr, gates_ptr, gates_out_ptr, inv_ptr,
+                    scores_ptr, lse_ptr, y_ptr, n, d, k, l, m, out_cols, Wp, p, stride_xb, stride_xc, stride_xh, stride_xw,
+                    stride_rk, stride_rd, GATE, ZERO_FILL, STORE_SCORES, SOURCE == SRC_ROWS,
+                    N_POW2, BLOCK_K, BLOCK_D, BLOCK_M, PREC)
+    elif MODE == FWD_EXPERTS:
+        pid = tl.program_id(0)
+        g = pid // TILES
+        expert_tile(g, pid - g * TILES, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, y_ptr,
+                    B, n, k, l, m, d, out_cols, Wp, p, GROUP, L_CHUNK, TILES,
+                    stride_xb, stride_xc, stride_xh, stride_xw, stride_wk, stride_wm, stride_wd,
+                    stride_bk, stride_bm, SOURCE, COMBINE, ACT, HAS_BIAS, POOLED, EXPERT_LOOP, HAS_N2,
+                    BLOCK_R, BLOCK_N, BLOCK_N2, BLOCK_DK, PREC)
+    else:
+        tl.static_assert(False, "unknown forward mode")

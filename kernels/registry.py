@@ -1,175 +1,192 @@
-"""Every pMoE kernel with its argument types, the constexpr variants worth compiling and its
-autotune configs, so `bench/compile_report.py` can compile all of them to cubin without a GPU.
+"""Every kernel launch the layer makes, for bench/compile_report.py: compiled to cubin without a GPU.
 
-signature(dtype) gives ASTSource's {arg: type} ("*bf16", "i32", "constexpr", ...): pointer args
-take the data dtype unless listed in `ptrs` (fixed types: fp32 buffers, int64 indices).
-`variants` are (label, constexprs (a "num_warps" key sets the launch's warps for kernels without
-configs, as op.py does), pointer overrides) covering every branch of the kernel's
-constexpr code (gate, combine, activation, bias, router-gradient terms) at representative sizes;
-PREC is filled in from the dtype (tf32x3 for fp32, tf32 otherwise, as op.dot_precision does).
+Nothing here lists kernels, configs or constexprs by hand.  The launchers (launch.py) are run on
+meta tensors (no memory, no data) for a set of problems that covers every branch of the kernels'
+constexpr code (gates, combines, activations, bias, pooled, deterministic, NCHW and channels-last,
+the split route, l beyond a tile, m beyond a pass) at the benchmark shapes, with launch.RECORDER
+catching each launch instead of running it.  So the report compiles exactly what the launchers
+launch, with the configs configs.py picks for the arch, and nothing else.
 
-The launcher specialises integer arguments as a real launch sees them: a value of 1 becomes a
-constexpr, a multiple of 16 gets a divisibility hint (vectorised, aligned accesses: different
-registers).  The overrides dict also carries such specialisations for int args (1 or 16; a 1
-must also be in the constexprs); every kernel gets one "contig" variant (`_contiguous`): contiguous
-x / weight / router / bias / dX (unit inner strides), the other strides and sizes multiples of 16,
-as for a (32, 64, 32, 32) map with p = 2, k = 4, m = 32, l = 64.
+Each recorded launch becomes (kernel, signature, constexprs, attributes, warps, stages) as the
+launcher would specialise it: a tensor is a pointer of its dtype, 16-byte aligned (torch's
+allocations); an int equal to 1 becomes a constexpr and one divisible by 16 gets the divisibility
+hint (Triton's "1" and "D" specialisations).
 """
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
 
-import triton
+import torch
 
-from . import backward, forward, routing
+from . import launch
+
+_PTR_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+              torch.int32: "i32"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One layer call: sizes, options, input layout."""
+    label: str
+    B: int
+    C: int
+    H: int
+    W: int
+    p: int
+    k: int
+    m: int
+    l: int
+    combine: str = "concat"
+    gate: str = "softmax"
+    activation: str = "relu"
+    bias: bool = False
+    pooled: bool = False
+    deterministic: bool = False
+    channels_last: bool = False
+    route: str = "auto"
+
+
+# The benchmark shapes (bench/shapes.py, at their GPU batches), then every other branch.
+PROBLEMS = [
+    Problem("wrn-pmoe", 256, 640, 8, 8, 1, 4, 160, 16),
+    Problem("wrn-pmoe,cl", 256, 640, 8, 8, 1, 4, 160, 16, channels_last=True),
+    Problem("large", 64, 256, 32, 32, 2, 8, 128, 32),
+    Problem("large,cl", 64, 256, 32, 32, 2, 8, 128, 32, channels_last=True),
+    Problem("mnist-k2-l2", 1024, 1, 112, 112, 28, 2, 20, 2),
+    Problem("mnist-k8-l6", 1024, 1, 112, 112, 28, 8, 5, 6, gate="softmax_all"),
+    Problem("sum,gelu,bias,det", 32, 64, 16, 16, 2, 4, 64, 8, combine="sum", activation="gelu", bias=True,
+            deterministic=True),
+    Problem("sum,silu,softmax_all", 32, 64, 16, 16, 2, 4, 96, 8, combine="sum", activation="silu",
+            gate="softmax_all"),
+    Problem("pooled,indicator,bias", 64, 640, 8, 8, 1, 4, 160, 16, gate="indicator", bias=True, pooled=True),
+    Problem("pooled,sum,det,identity", 64, 128, 8, 8, 1, 4, 128, 16, combine="sum", activation="identity",
+            pooled=True, deterministic=True),
+    Problem("l>tile,softmax", 4, 32, 32, 32, 2, 2, 32, 200),
+    Problem("m>pass,sum", 8, 64, 8, 8, 1, 2, 300, 16, combine="sum"),
+    Problem("split route", 8, 32, 64, 64, 1, 4, 32, 512, route="split"),
+]
 
 
 @dataclass
-class KernelSpec:
+class Launch:
+    """One kernel launch as the compiler sees it."""
     name: str
-    kernel: object  # a JITFunction or an Autotuner wrapping one
-    ptrs: dict  # pointer arg -> fixed element type ("fp32", "i64"); others use the data dtype
-    variants: list  # [(label, {constexpr: value}, {ptr: type override | int arg: 1 or 16})]
-    configs: list = field(default_factory=list)  # triton.Config list; [] = launched with fixed meta
-    num_warps: int = 4  # for kernels without configs
+    problem: str
+    fn: object                      # the JITFunction
+    signature: dict                 # {arg: "*bf16" | "i32" | "constexpr"}
+    constexprs: dict                # {arg: value}
+    attrs: dict = field(default_factory=dict)  # {(index,): [["tt.divisibility", 16]]}
+    num_warps: int = 4
+    num_stages: int = 2
+    maxnreg: int | None = None
 
     @property
-    def fn(self):
-        k = self.kernel
-        return k if isinstance(k, triton.runtime.jit.JITFunction) else k.fn
+    def options(self) -> dict:
+        """triton.compile options, as the launch passes them."""
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            opts["maxnreg"] = self.maxnreg
+        return opts
 
-    def signature(self, dtype: str, ptr_overrides: dict | None = None) -> dict:
-        ptr_overrides = ptr_overrides or {}
-        sig = {}
-        for param in self.fn.params:
-            name = param.name
-            if param.is_constexpr:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                sig[name] = "*" + ptr_overrides.get(name, self.ptrs.get(name, dtype))
-            elif ptr_overrides.get(name) == 1:  # the launcher turns an int equal to 1 into a constexpr
-                sig[name] = "constexpr"
-            else:
-                sig[name] = "i32"
-        return sig
-
-    def int_attrs(self, sig: dict, overrides: dict | None = None) -> dict:
-        """ASTSource attrs for the int args a variant declares multiples of 16 (the launcher's
-        "D" specialisation: tt.divisibility 16), keyed like the pointer attrs."""
-        overrides = overrides or {}
-        return {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(sig.items())
-                if ty == "i32" and overrides.get(name) == 16}
-
-    def launch_configs(self, dtype: str = "bf16", arch: int = 90):
-        """[(label, meta constexprs, num_warps, num_stages)] that autotuning may pick for this dtype
-        on this arch (fp32 before sm_90: the first config only, see utils.prune_fp32_pre_hopper)."""
-        if not self.configs:
-            return [("fixed", {}, self.num_warps, 2)]
-        configs = self.configs[:1] if (dtype == "fp32" and arch < 90) else self.configs
-        out = []
-        for cfg in configs:
-            label = "x".join(str(v) for v in cfg.kwargs.values()) + f"/w{cfg.num_warps}s{cfg.num_stages}"
-            out.append((label, dict(cfg.kwargs), cfg.num_warps, cfg.num_stages))
-        return out
+    @property
+    def key(self):
+        return (self.name, tuple(sorted(self.signature.items())), tuple(sorted(self.constexprs.items())),
+                tuple(sorted(self.attrs)), self.num_warps, self.num_stages, self.maxnreg)
 
 
-_F32, _I64 = "fp32", "i64"
-
-KERNELS = [
-    KernelSpec("scores", routing._scores_kernel, {"scores_ptr": _F32},
-               [("k<=16", {"BLOCK_K": 16}, {}), ("k<=64", {"BLOCK_K": 64}, {})],
-               routing.SCORES_CONFIGS),
-    KernelSpec("select", routing._select_kernel,
-               {"scores_ptr": _F32, "idx_ptr": _I64, "gates_ptr": _F32, "lse_ptr": _F32},
-               [("n<=256,softmax,concat", dict(N_POW2=256, GATE=0, ZERO_FILL=True, BLOCK_N=64, BLOCK_M=32), {}),
-                ("n<=4096,softmax_all,sum", dict(N_POW2=4096, GATE=2, ZERO_FILL=False, BLOCK_N=64, BLOCK_M=32, num_warps=8),
-                 {"y_ptr": _F32}),
-                # the cap (routing.SELECT_MAX_N; op.select_warps gives 8 warps): the most registers
-                ("n<=cap,softmax_all,concat", dict(N_POW2=routing.SELECT_MAX_N, GATE=2, ZERO_FILL=True, BLOCK_N=64,
-                                                   BLOCK_M=32, num_warps=8), {}),
-                ("n<=cap,softmax_all,sum", dict(N_POW2=routing.SELECT_MAX_N, GATE=2, ZERO_FILL=False, BLOCK_N=64,
-                                                BLOCK_M=32, num_warps=8), {"y_ptr": _F32})]),
-    # the fused route up to its lane cap (routing.ROUTE_MAX_KEYS; op.route_warps: 8 warps at 1024)
-    KernelSpec("route", routing._route_kernel,
-               {"idx_ptr": _I64, "gates_ptr": _F32, "scores_ptr": _F32, "lse_ptr": _F32},
-               [(f"n<={n},k<={bk},{label}", dict(N_POW2=n, BLOCK_K=bk, GATE=gate, ZERO_FILL=zero_fill,
-                                                   STORE_SCORES=gate == 2, BLOCK_D=routing.ROUTE_BLOCK_D, BLOCK_M=32,
-                                                   num_warps=4 if n * bk < 1024 else 8),
-                 {} if zero_fill else {"y_ptr": _F32})
-                for n, bk, gate, zero_fill, label in [(16, 16, 0, True, "softmax,concat"),
-                                                      (32, 16, 2, True, "softmax_all,concat"),
-                                                      (64, 16, 0, True, "softmax,concat"),
-                                                      (16, 64, 1, True, "indicator,concat"),
-                                                      (32, 32, 2, False, "softmax_all,sum")]]),
-    KernelSpec("expert_fwd", forward._expert_fwd_kernel, {"idx_ptr": _I64, "gates_ptr": _F32},
-               [("concat,gelu,bias", dict(HAS_BIAS=True, ACT=1, COMBINE=0), {}),
-                ("sum,relu", dict(HAS_BIAS=False, ACT=0, COMBINE=1), {"y_ptr": _F32})],
-               forward.EXPERT_FWD_CONFIGS),
-    KernelSpec("expert_fwd_sum_det", forward._expert_fwd_sum_det_kernel,
-               {"idx_ptr": _I64, "gates_ptr": _F32, "y_ptr": _F32},
-               [("silu,bias", dict(HAS_BIAS=True, ACT=2), {})],
-               forward.EXPERT_FWD_DET_CONFIGS),
-    KernelSpec("expert_pool", forward._expert_pool_kernel, {"idx_ptr": _I64, "gates_ptr": _F32, "out_ptr": _F32},
-               [("concat,gelu,bias", dict(HAS_BIAS=True, ACT=1, COMBINE=0), {}),
-                ("sum,relu", dict(HAS_BIAS=False, ACT=0, COMBINE=1), {})],
-               forward.EXPERT_FWD_CONFIGS),
-    KernelSpec("expert_pool_det", forward._expert_pool_det_kernel, {"idx_ptr": _I64, "gates_ptr": _F32},
-               [("concat,relu", dict(HAS_BIAS=False, ACT=0, COMBINE=0), {}),
-                ("sum,silu,bias", dict(HAS_BIAS=True, ACT=2, COMBINE=1), {})],
-               forward.EXPERT_FWD_DET_CONFIGS),
-    KernelSpec("dpre", backward._dpre_kernel, {"idx_ptr": _I64, "gates_ptr": _F32, "dg_ptr": _F32},
-               [("concat,gelu,bias", dict(HAS_BIAS=True, ACT=1, COMBINE=0), {}),
-                ("sum,silu", dict(HAS_BIAS=False, ACT=2, COMBINE=1), {})],
-               backward.DPRE_CONFIGS),
-    KernelSpec("gate_bwd", routing._gate_bwd_kernel, {p: _F32 for p in (
-        "dg_ptr", "gates_ptr", "scores_ptr", "lse_ptr", "ds_ptr", "dsd_ptr")},
-               [("softmax", dict(GATE=0, BLOCK=64), {}),
-                ("softmax_all", dict(GATE=2, BLOCK=routing.GATE_BWD_BLOCK), {})]),
-    KernelSpec("dx", backward._dx_kernel, {"ds_ptr": _F32, "idx_ptr": _I64, "dx_ptr": _F32},
-               [("router-grad", dict(HAS_DS=True), {})], backward.DX_CONFIGS),
-    KernelSpec("dx_det", backward._dx_det_kernel, {"ds_ptr": _F32, "idx_ptr": _I64, "dx_ptr": _F32},
-               [("router-grad", dict(HAS_DS=True), {})], backward.DX_DET_CONFIGS),
-    KernelSpec("dw", backward._dw_kernel,
-               {"idx_ptr": _I64, "ds_ptr": _F32, "dw_ptr": _F32, "db_ptr": _F32, "dr_ptr": _F32},
-               [("bias,router-grad", dict(HAS_BIAS=True, HAS_DS=True), {})], backward.DW_CONFIGS),
-    KernelSpec("route_dense_dr", routing._route_dense_dr_kernel, {"dsd_ptr": _F32, "dr_ptr": _F32},
-               [("k<=16", dict(BLOCK_K=16), {}), ("k>=64", dict(BLOCK_K=64), {})],
-               routing.ROUTE_BWD_CONFIGS),
-    KernelSpec("route_dense_dx", routing._route_dense_dx_kernel, {"dsd_ptr": _F32, "dx_ptr": _F32},
-               [("any k", {}, {})], routing.ROUTE_DX_CONFIGS),
-]
-
-# the "contig" specialisation (see the module docstring): unit strides and multiples of 16
-_UNIT_STRIDES = ("sxw", "swd", "srd", "sbm", "sdw")
-_MULTIPLES_OF_16 = ("sxb", "sxc", "sxh", "swk", "swm", "srk", "sbk", "sdb", "sdc", "sdh", "sdyb", "sdyn",
-                    "B", "n", "d", "m", "l", "Wp", "out_cols")
+def _jit_fn(kernel):
+    """The JITFunction (or, under the interpreter, the InterpretedFunction) of a kernel."""
+    while not hasattr(kernel, "arg_names") and hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return kernel
 
 
-def _contiguous(spec: KernelSpec):
-    label, constexprs, overrides = spec.variants[0]
-    fn = spec.kernel
-    while hasattr(fn, "fn"):  # Autotuner -> JITFunction (or the interpreter's) -> the Python function
-        fn = fn.fn
-    names = list(inspect.signature(fn).parameters)  # (the listed names are all plain int args)
-    ones = {name: 1 for name in names if name in _UNIT_STRIDES}
-    sixteens = {name: 16 for name in names if name in _MULTIPLES_OF_16}
-    return ("contig," + label, {**constexprs, **ones}, {**overrides, **ones, **sixteens})
+def _params(fn) -> list[tuple[str, bool]]:
+    """[(name, is_constexpr)] of a kernel's parameters."""
+    if hasattr(fn, "params"):
+        return [(p.name, p.is_constexpr) for p in fn.params]
+    py = fn
+    while hasattr(py, "fn"):
+        py = py.fn
+    return [(name, "constexpr" in str(p.annotation)) for name, p in inspect.signature(py).parameters.items()]
 
 
-for _spec in KERNELS:
-    _spec.variants.append(_contiguous(_spec))
+def _specialise(fn, args, kwargs, problem: str) -> Launch:
+    kwargs = dict(kwargs)
+    num_warps = kwargs.pop("num_warps", 4)
+    num_stages = kwargs.pop("num_stages", 2)
+    maxnreg = kwargs.pop("maxnreg", None)
+    signature, constexprs, attrs = {}, {}, {}
+    positional = iter(args)
+    for i, (name, is_constexpr) in enumerate(_params(fn)):
+        if is_constexpr:
+            signature[name] = "constexpr"
+            value = kwargs[name]
+            constexprs[name] = getattr(value, "value", value)  # modes.py's named codes are tl.constexpr
+            continue
+        value = next(positional)
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + _PTR_TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{fn.__name__}: unexpected argument {name}={value!r}")
+        elif value == 1:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    name = getattr(fn, "__name__", None) or fn.fn.__name__
+    return Launch(name.strip("_").removesuffix("_kernel"), problem, fn, signature, constexprs, attrs,
+                  num_warps, num_stages, maxnreg)
 
 
-def by_name(name: str) -> KernelSpec:
-    for spec in KERNELS:
-        if spec.name == name:
-            return spec
-    raise KeyError(name)
+def record(problem: Problem, dtype: torch.dtype, sm: int = 90) -> tuple[list, list]:
+    """The launches of `problem`'s forward and of its backward, as (kernel, grid, args, kwargs),
+    made by the launchers on meta tensors for a GPU of capability sm (nothing runs)."""
+    P = problem
+    meta = dict(device="meta", dtype=dtype)
+    x = torch.empty(P.B, P.C, P.H, P.W, **meta)
+    if P.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    d = P.C * P.p * P.p
+    router, weight = torch.empty(P.k, d, **meta), torch.empty(P.k, P.m, d, **meta)
+    bias = torch.empty(P.k, P.m, **meta) if P.bias else None
+    forward, backward = [], []
+    saved = (launch.RECORDER, launch.FORCE_SM, launch.ROUTE)
+    launch.FORCE_SM, launch.ROUTE = sm, P.route
+    try:
+        launch.RECORDER = lambda *call: forward.append(call)
+        y, idx, _, gates, inv, scores, lse = launch.forward(x, router, weight, bias, P.p, P.l, P.combine, P.gate,
+                                                            P.activation, P.deterministic, P.pooled)
+        n = (P.H // P.p) * (P.W // P.p)
+        dy = torch.empty(y.shape, **meta)
+        if P.pooled:
+            dy = dy.unsqueeze(1).expand(P.B, n, y.shape[1])
+        launch.RECORDER = lambda *call: backward.append(call)
+        launch.backward(dy, x, router, weight, bias, idx, gates, inv, scores, lse, P.p, P.l, P.combine, P.gate,
+                        P.activation)
+    finally:
+        launch.RECORDER, launch.FORCE_SM, launch.ROUTE = saved
+    return forward, backward
+
+
+def launches(dtype: str = "bf16", sm: int = 90, problems=PROBLEMS) -> list[Launch]:
+    """The distinct launches of every problem for this dtype on this arch, in first-seen order."""
+    seen, found = set(), []
+    for problem in problems:
+        forward, backward = record(problem, DTYPES[dtype], sm)
+        for kernel, grid, args, kwargs in forward + backward:
+            rec = _specialise(_jit_fn(kernel), args, kwargs, problem.label)
+            if rec.key not in seen:
+                seen.add(rec.key)
+                found.append(rec)
+    return found
 
 
 def dot_precision_for(dtype: str) -> str:
+    """launch.dot_precision for a dtype name, with torch's default matmul precision (fp32: tf32x3)."""
     return "tf32x3" if dtype == "fp32" else "tf32"
-
-
-__all__ = ["KERNELS", "KernelSpec", "by_name", "dot_precision_for", "triton"]

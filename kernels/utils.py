@@ -13,18 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from .modes import ACT_GELU, ACT_IDENTITY, ACT_RELU, ACT_SILU
 
-# constexpr codes (ints compile faster than string constexprs and print well in the report)
-ACT_CODES = {"relu": 0, "gelu": 1, "silu": 2, "identity": 3}
-GATE_CODES = {"softmax": 0, "indicator": 1, "softmax_all": 2}
-COMBINE_CODES = {"concat": 0, "sum": 1}
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 _LOW_MASK = tl.constexpr(2147483647)  # the patch index lives in the low 31 bits of a selection key
 
 
 def _interpreter_fixes():
-    """Two bugs of Triton 3.6's interpreter (CPU testing only; compiled kernels are unaffected):
+    """Three defects of Triton 3.6's interpreter (CPU testing only; compiled kernels are unaffected):
     - a scalar becomes a Python int through int(ndarray of shape (1,)), which NumPy >= 2.4
       rejects, so every runtime-bound `for ... in range(0, d, BLOCK)` fails: use .item();
     - tl.dot multiplies bfloat16 operands as their raw uint16 storage: widen them to fp32 first
@@ -76,60 +73,6 @@ def _interpreter_fixes():
 
 if INTERPRET:
     _interpreter_fixes()
-
-
-def pick_configs(configs):
-    """Under the interpreter run one (the first, a small) config: the autotuner would otherwise
-    time every config in Python, and with one config it does not benchmark at all."""
-    return configs[:1] if INTERPRET else configs
-
-
-def prune_fp32_pre_hopper(configs, named_args, **kwargs):
-    """Autotune pruning: fp32 dots (tf32x3) need more registers with sm_80's mma.sync than with
-    sm_90's wgmma, and only each kernel's first (smallest) config compiles without spills there;
-    so fp32 on a pre-Hopper GPU autotunes over that one.  The first argument carries the data
-    dtype in every autotuned kernel.  compile_report.py applies the same rule."""
-    t = next(iter(named_args.values()))
-    if t.dtype == torch.float32 and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9:
-        return configs[:1]
-    return configs
-
-
-PRUNE = {"early_config_prune": prune_fp32_pre_hopper}
-
-
-def fixed_config(kernel) -> "triton.Config":
-    """The one config deterministic mode launches an autotuned kernel with: its list's first.
-
-    Configs with different tiles split reductions differently (and may pick different MMA
-    instructions), so the timing-chosen winner could change result bits between processes or
-    call histories; a fixed choice keeps deterministic runs bit-identical.  The first config is
-    the smallest, the one that compiles without spills on every arch and dtype (the one
-    prune_fp32_pre_hopper keeps, the one pick_configs keeps under the interpreter)."""
-    return kernel.configs[0]
-
-
-class FixedLaunch:
-    """`FixedLaunch(autotuned)[grid](*args, **kwargs)`: launch the kernel under its autotuner with
-    fixed_config, bypassing Autotuner.run (no benchmarking, no cache lookup).  Exactly what the
-    autotuner itself does once it has chosen: fn.run(*args, **kwargs, **config.all_kwargs());
-    the interpreter drops the launch options (num_warps, ...) it does not use."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        cfg = fixed_config(self.kernel)
-
-        def launch(*args, **kwargs):
-            return self.kernel.fn[grid](*args, **kwargs, **cfg.all_kwargs())
-
-        return launch
-
-
-def tuned(kernel, deterministic: bool):
-    """The autotuned kernel, or in deterministic mode its FixedLaunch."""
-    return FixedLaunch(kernel) if deterministic else kernel
 
 
 @triton.jit
@@ -216,51 +159,73 @@ def key_score(key):
 @triton.jit
 def activation(x, ACT: tl.constexpr):
     """relu / exact-erf gelu / silu / identity, on fp32."""
-    if ACT == 0:
+    if ACT == ACT_RELU:
         return tl.maximum(x, 0.0)
-    elif ACT == 1:
+    elif ACT == ACT_GELU:
         return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-    elif ACT == 2:
+    elif ACT == ACT_SILU:
         return x / (1.0 + tl.exp(-x))
-    else:
+    elif ACT == ACT_IDENTITY:
         return x
+    else:
+        tl.static_assert(False, "unknown activation code")
 
 
 @triton.jit
 def activation_grad(x, ACT: tl.constexpr):
     """d act / d x, matching torch's autograd (relu'(0) = 0)."""
-    if ACT == 0:
+    if ACT == ACT_RELU:
         return tl.where(x > 0.0, 1.0, 0.0)
-    elif ACT == 1:
+    elif ACT == ACT_GELU:
         cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
         pdf = 0.3989422804014327 * tl.exp(-0.5 * x * x)
         return cdf + x * pdf
-    elif ACT == 2:
+    elif ACT == ACT_SILU:
         sig = 1.0 / (1.0 + tl.exp(-x))
         return sig * (1.0 + x * (1.0 - sig))
-    else:
+    elif ACT == ACT_IDENTITY:
         return tl.full(x.shape, 1.0, tl.float32)
+    else:
+        tl.static_assert(False, "unknown activation code")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ticket ordering inside one launch (forward.py, backward.py).  sync: int32 counters, zero when a
+# launch starts and zero again when it ends (the last program to finish resets them, so a cached
+# buffer serves every launch on its stream: launch.sync_counters):
+#     sync[0] tickets taken   sync[1] programs finished   sync[2 + g] group g's producers done
 
 
 @triton.jit
-def expert_preact(x_ptr, w_ptr, b_ptr, s, row_off, row_ok, mm, m_ok, d, p,
-                  sxc, sxh, sxw, swk, swm, swd, sbk, sbm,
-                  HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_D: tl.constexpr, PREC: tl.constexpr):
-    """(BLOCK_R, BLOCK_M) fp32 pre-activations W_s x_j + b_s of gathered patch rows.
+def take_ticket(sync_ptr):
+    """This program's ticket: the order in which programs actually started."""
+    return tl.atomic_add(sync_ptr, 1, sem="relaxed")
 
-    row_off: (BLOCK_R,) patch_row_offsets of the rows; mm: (BLOCK_M,) output channels of expert s.
-    """
-    acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
-    for d0 in range(0, d, BLOCK_D):
-        c = d0 + tl.arange(0, BLOCK_D)
-        c_ok = c < d
-        col_off = patch_col_offsets(c, p, sxc, sxh, sxw)
-        xt = tl.load(x_ptr + row_off[:, None] + col_off[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + s * swk + mm[None, :].to(tl.int64) * swm + c[:, None].to(tl.int64) * swd,
-                     mask=c_ok[:, None] & m_ok[None, :], other=0.0)
-        acc = tl.dot(xt, wt, acc, input_precision=PREC)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + s * sbk + mm * sbm, mask=m_ok, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    return acc
+
+@triton.jit
+def signal_group(sync_ptr, g):
+    """One producer of group g is done: all its threads' stores happen before the release."""
+    tl.debug_barrier()
+    tl.atomic_add(sync_ptr + 2 + g, 1, sem="release")
+
+
+@triton.jit
+def wait_group(sync_ptr, g, producers):
+    """Spin until group g's `producers` are done (acquire), then let every thread go on.  Only
+    programs with larger tickets wait, on programs that already started and never wait: no
+    deadlock whatever order the GPU starts programs in."""
+    done = tl.atomic_add(sync_ptr + 2 + g, 0, sem="acquire")
+    while done < producers:
+        done = tl.atomic_add(sync_ptr + 2 + g, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def finish_ticket(sync_ptr, programs, groups):
+    """Count this program finished; the last one zeroes the counters for the next launch."""
+    tl.debug_barrier()
+    finished = tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel")
+    if finished == programs - 1:
+        for i0 in range(0, 2 + groups, 256):
+            i = i0 + tl.arange(0, 256)
+            tl.store(sync_ptr + i, tl.zeros((256,), dtype=tl.int32), mask=i < 2 + groups)

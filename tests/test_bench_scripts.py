@@ -5,11 +5,16 @@ import contextlib
 import io
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+
+import pmoe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
@@ -72,21 +77,226 @@ def test_profile_writes_torch_trace(tmp_path):
     assert {"forward", "backward", "optimizer"} <= names  # pmoe.profiling ranges were on
 
 
-def test_gpu_check_cpu_smoke(tmp_path):
-    # the interpreter runs the fused kernels too (tests/conftest.py sets TRITON_INTERPRET=1)
-    _run_script([os.path.join(BENCH, "gpu_check.py"), "--cpu-smoke", "--shapes", "wrn-pmoe",
-                 "--out", str(tmp_path)], TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"))
+# ---------------------------------------------------------------------------------------------
+# bench/gpu_check.py and its modules (gpu_correctness, gpu_timing, gpu_model, gpu_report)
+
+
+def _gpu_check(tmp_path, *args, interpret="1", timeout=240):
+    """Run gpu_check --cpu-smoke into tmp_path -> (its report as a dict, the .md text)."""
+    _run_script([os.path.join(BENCH, "gpu_check.py"), "--cpu-smoke", "--out", str(tmp_path), *args],
+                timeout=timeout, TRITON_INTERPRET=interpret)
     (json_path,) = tmp_path.glob("*.json")
-    assert json_path.with_suffix(".md").exists()
-    doc = json.loads(json_path.read_text())
-    assert doc["correctness"] and all(r.get("ok") for r in doc["correctness"]), doc["correctness"]
-    kinds = {r["kind"] for r in doc["timing"] if "ms" in r}
-    assert {"dense", "masking", "torch"} <= kinds
-    variants = {str(r["variant"]) for r in doc["correctness"]}
-    assert {"{'route': 'split'}", "{'route': 'fused'}"} <= variants
-    (route,) = doc["route_timing"]  # one shape, one dtype: both routes timed
-    assert route["fused_ms"] > 0 and route["split_ms"] > 0 and route["auto_picks"] == "fused"
+    return json.loads(json_path.read_text()), json_path.with_suffix(".md").read_text()
+
+
+def test_gpu_check_cpu_smoke_runs_the_kernels(tmp_path):
+    # the interpreter runs the fused kernels: --quick at one shape covers every kernel section
+    doc, md = _gpu_check(tmp_path, "--quick", "--only", "wrn")
+    assert doc["checked_backend"] == "triton"
+    assert all(v["status"] == "done" for v in doc["sections"].values()), doc["sections"]
+    rows = doc["correctness"]
+    assert rows and all(r.get("ok") for r in rows), rows
+    assert {"float32", "bfloat16"} <= {r["dtype"] for r in rows}
+    assert {"route": "split"} in [r["variant"] for r in rows]
+    assert all(r["mismatch_rows"] == 0 and r["agree_rows"] + r["tie_rows"] == r["rows"] for r in rows)
+    fused = [r for r in doc["timing"] if r["kind"] == "triton"]
+    assert {r["pass"] for r in fused} == {"forward", "forward+backward"}
+    assert all(r["events_ms"] > 0 and r["floor_ms"] > 0 and r["config"].startswith("fused; fwd ") for r in fused)
+    assert "bwd " in next(r["config"] for r in fused if r["pass"] == "forward+backward")
+    (route,) = doc["route_timing"]
+    assert route["fused_events_ms"] > 0 and route["split_events_ms"] > 0 and route["auto_picks"] == "fused"
+    launches = {p: [r for r in doc["launch_timing"] if r["pass"] == p and "measured_us" in r]
+                for p in ("forward", "forward+backward")}
+    assert launches["forward"] and len(launches["forward+backward"]) > len(launches["forward"])
+    assert all(r["measured_us"] > 0 and r["config"] for rs in launches.values() for r in rs)
+    assert doc["model"]["path"].startswith("bench/results/model-")
+    assert "## Per launch" in md and "Traffic model:" in md
+
+
+def test_gpu_check_cpu_smoke_every_section(tmp_path):
+    # without the interpreter the torch backend stands in: every shape, variant and section
+    import gpu_check
+
+    doc, md = _gpu_check(tmp_path, interpret="0", timeout=120)
+    assert doc["checked_backend"] == "torch"
+    rows = doc["correctness"]
+    # 4 shapes in fp32 + one in bf16, then every variant the torch path has (the routes are the kernels')
+    assert len(rows) == 5 + len(gpu_check.VARIANTS) + len(gpu_check.POOLED_VARIANTS), [r["variant"] for r in rows]
+    assert all(r.get("ok") for r in rows), rows
+    variants = [r["variant"] for r in rows]
+    assert {"pooled": True, "combine": "sum", "deterministic": True} in variants
+    assert {"layout": "channels_last"} in variants
+    assert {r["kind"] for r in doc["timing"] if "events_ms" in r} == {"dense", "masking", "torch"}
+    assert len(doc["pooled_timing"]) == 4 * 2 and all(r["pooled_ms"] > 0 for r in doc["pooled_timing"])
+    assert doc["ratios"] and all(r["torch/dense events"] > 0 for r in doc["ratios"])
     assert doc["max_batch"] and all(r.get("largest_fitting") for r in doc["max_batch"])
+    assert doc["bandwidth"]["bytes_per_s"] > 0
+    for heading in ("## Correctness", "## Speed", "## Ratios", "## Pooled", "## Largest"):
+        assert heading in md
+
+
+def test_gpu_check_sigterm_writes_what_it_has(tmp_path):
+    proc = subprocess.Popen([sys.executable, os.path.join(BENCH, "gpu_check.py"), "--cpu-smoke", "--out",
+                             str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TRITON_INTERPRET": "0"})
+    try:
+        deadline = time.monotonic() + 90
+        rows = []
+        while not rows and time.monotonic() < deadline:  # wait for the first finished row
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            time.sleep(0.05)
+            for path in tmp_path.glob("*.json"):
+                with contextlib.suppress(ValueError):
+                    rows = json.loads(path.read_text())["correctness"]
+        assert rows, "no row reported within 90 s"
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0].decode()
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    (json_path,) = tmp_path.glob("*.json")
+    doc = json.loads(json_path.read_text())
+    assert doc["interrupted"]["signal"] == "SIGTERM", doc.get("interrupted")
+    assert doc["correctness"] and all("ok" in r or "error" in r for r in doc["correctness"])
+    assert doc["sections"][doc["interrupted"]["section"]]["status"] == "stopped"
+    assert "Cut off** by SIGTERM" in json_path.with_suffix(".md").read_text()
+
+
+def _plan_compiles(*args) -> int:
+    out = _run_script([os.path.join(BENCH, "gpu_check.py"), "--plan", *args], timeout=120,
+                      TRITON_INTERPRET="0").stdout
+    return int(re.search(r"kernel compiles on a cold cache: (\d+)", out).group(1))
+
+
+def test_gpu_check_plan_compiles_fit_the_machine():
+    # a cold cache compiles each distinct kernel specialisation once, ~0.6 s each: the whole GPU
+    # run must stay well inside 8 minutes, so the plan compiles far fewer than 250
+    full, quick = _plan_compiles(), _plan_compiles("--quick", "--only", "wrn")
+    assert 0 < quick < full <= 120, (quick, full)
+
+
+def test_tie_rows_near_ties_and_swaps():
+    import gpu_correctness as gc
+
+    # one image, one expert, n = 4, l = 2: the float64 scores put patches 0 and 2 first, 2 just
+    # above 1 (0.01 apart at magnitude 2: under two bf16 steps, 2 x 2^-6, far over fp32's)
+    scores = torch.tensor([[[3.0, 2.0, 2.01, 0.5]]], dtype=torch.float64)
+    small = torch.full_like(scores, 1e-3)  # sum |x_i r_i|: a negligible accumulation bound
+    picks = {"agree": [0, 2], "near tie": [0, 1], "clear swap": [0, 3], "repeated patch": [2, 2]}
+    rows = {name: gc.classify_rows(torch.tensor([[idx]]), scores, small, torch.bfloat16, d=4)
+            for name, idx in picks.items()}
+    verdict = {name: next(k for k, m in r.items() if m.item()) for name, r in rows.items()}
+    assert verdict == {"agree": "agree", "near tie": "tie", "clear swap": "mismatch", "repeated patch": "mismatch"}
+    assert gc.classify_rows(torch.tensor([[[0, 1]]]), scores, small, torch.float32, d=4)["mismatch"].item()
+    assert gc.dtype_step(torch.tensor([2.0, 3.0, 0.75], dtype=torch.float64), torch.bfloat16).tolist() == \
+        [2 ** -6, 2 ** -6, 2 ** -8]
+
+
+def test_bf16_selections_at_wrn_differ_only_by_ties(monkeypatch):
+    # the torch path rounds bf16 scores as the kernels do: at the WRN shape some rows choose
+    # otherwise than float64, every one a tie; without the band they would fail
+    import gpu_correctness as gc
+    from baselines import randomize_router
+    from shapes import WRN
+
+    torch.manual_seed(0)
+    layer = pmoe.PMoEConv2d(WRN.in_channels, WRN.out_channels, 1, WRN.num_experts, WRN.top_l, backend="torch")
+    randomize_router(layer)
+    layer = layer.to(torch.bfloat16)
+    x = torch.randn(WRN.input_shape(256), dtype=torch.bfloat16)
+    with torch.no_grad():
+        _, routing = layer(x, return_routing=True)
+    scores, bounds = gc.scores_and_bounds(x.double(), layer.router.detach().double(), 1)
+    rows = gc.classify_rows(routing.indices, scores, bounds, torch.bfloat16, WRN.patch_dim)
+    assert rows["tie"].sum() > 0 and rows["mismatch"].sum() == 0, {k: int(v.sum()) for k, v in rows.items()}
+    monkeypatch.setattr(gc, "TIE_STEPS", 0)  # the fp32 accumulation bound alone
+    strict = gc.classify_rows(routing.indices, scores, bounds, torch.bfloat16, WRN.patch_dim)
+    assert strict["mismatch"].sum() > 0
+
+
+@pytest.mark.parametrize("opts", [{}, {"combine": "sum"}, {"gate": "indicator"}, {"gate": "softmax_all"},
+                                  {"bias": True, "activation": "gelu"}])
+def test_reference_given_selection_is_the_layer(opts):
+    # the float64 reference of gpu_check, given the torch path's own choice, is the torch path
+    import gpu_correctness as gc
+    from shapes import WRN, tiny
+
+    shape = tiny(WRN)
+    torch.manual_seed(1)
+    layer = pmoe.PMoEConv2d(shape.in_channels, shape.out_channels, 1, shape.num_experts, shape.top_l,
+                            backend="torch", **opts).double()
+    x = torch.randn(shape.input_shape(3), dtype=torch.float64, requires_grad=True)
+    y, routing = layer(x, return_routing=True)
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in layer.named_parameters()}
+    x2 = x.detach().clone().requires_grad_(True)
+    y_ref, gates = gc.reference_given_selection(x2, params["router"], params["weight"], params.get("bias"), 1,
+                                                routing.indices, layer.combine, layer.gate, layer.activation,
+                                                torch.float64)
+    torch.testing.assert_close(y_ref, y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gates, routing.gates, rtol=1e-12, atol=1e-12)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-10, atol=1e-12)
+    for name, p in layer.named_parameters():
+        got = params[name].grad
+        torch.testing.assert_close(got if got is not None else torch.zeros_like(p),
+                                   p.grad if p.grad is not None else torch.zeros_like(p), rtol=1e-10, atol=1e-12)
+
+
+def test_model_beside_measurements():
+    import gpu_model
+    import gpu_timing
+    from shapes import SHAPES
+
+    paths = gpu_model.candidates(os.path.join(BENCH, "results"))
+    if not paths:
+        pytest.skip("no model-*.json committed in bench/results")
+    doc = gpu_model.load(paths[-1])
+    s = doc["summaries"][0]
+    shape = SHAPES[s["shape"]]
+    dev = gpu_model.device_for(doc, "NVIDIA H200")
+    assert dev["name"].startswith("H200")
+    assert gpu_model.device_for(doc, "NVIDIA H100 80GB HBM3")["name"].startswith("H100")
+    assert gpu_model.summary(doc, s["shape"], s["layout"], s["pass"], "bfloat16", s["gpu_batch"]) is s
+    # re-timed at the report's own bandwidth, the launches sum to the report's model time
+    assert gpu_model.remodel_seconds(s, dev, dev["hbm_bytes_per_s"]) == pytest.approx(gpu_model.model_seconds(s, dev))
+    assert gpu_model.remodel_seconds(s, dev, dev["hbm_bytes_per_s"] / 2) > gpu_model.model_seconds(s, dev)
+
+    ctx = gpu_timing.Context(torch.device("cpu"), "NVIDIA H200", 4.8e12, 132, {"doc": doc, "stale": []})
+    modeled = gpu_model.triton_launches(s)
+    ms = [0.01 * (i + 1) for i in range(len(modeled))]
+    rows = gpu_timing._pair_with_model(shape, s["gpu_batch"], torch.bfloat16, s["layout"], s["pass"], modeled, ms, ctx)
+    assert [r["kernel"] for r in rows] == [n for n, _ in modeled] and all(r["config_matches"] for r in rows)
+    model_us = [r["model_us"] for r in rows]
+    assert all(r["measured/model"] == pytest.approx(1e3 * t / u) for r, t, u in zip(rows, ms, model_us))
+    other = gpu_timing._pair_with_model(shape, s["gpu_batch"], torch.bfloat16, s["layout"], s["pass"],
+                                        [("_other_kernel", {})], [0.01], ctx)
+    assert "model_us" not in other[0] and "not paired" in other[-1]["note"]
+    # stale: the report against the kernels of today, and a copy made to match them
+    now = {(x["shape"], x["layout"], x["pass"]): gpu_model.launch_signature(
+        SHAPES[x["shape"]], x["gpu_batch"], x["dtype"], x["layout"], x["pass"]) for x in doc["summaries"]}
+    fresh = {**doc, "summaries": [{**x, "rows": [{"kernel": n, "kind": "triton", "config": c}
+                                                  for n, c in now[(x["shape"], x["layout"], x["pass"])]]}
+                                  for x in doc["summaries"]]}
+    assert gpu_model.stale(fresh, SHAPES) == []
+    changed = {**fresh, "summaries": [{**fresh["summaries"][0], "rows": fresh["summaries"][0]["rows"][:-1]
+                                       + [{"kernel": "_gone_kernel", "kind": "triton", "config": {}}]}]}
+    assert len(gpu_model.stale(changed, SHAPES)) == 1
+
+
+def test_gpu_report_targets():
+    import gpu_report
+
+    def row(kind, pass_name, ms, **extra):
+        return {"shape": "large", "dtype": "bfloat16", "layout": "nchw", "pass": pass_name, "kind": kind,
+                "events_ms": ms, **extra}
+
+    timing = [row("triton", "forward", 1.0, pct_floor_events=50.0, pct_floor_graph=75.0, dense_floor_ms=2.0),
+              row("torch", "forward", 2.5), row("dense", "forward", 1.5)]
+    got = {t["target"]: t["met"] for t in gpu_report.target_rows(timing)}
+    assert got == {"forward % of floor": "yes", "forward torch / fused": "no", "forward fused / dense conv": "no",
+                   "forward fused / dense floor": "yes"}
 
 
 def test_ratios_table(tmp_path):

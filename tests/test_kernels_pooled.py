@@ -226,9 +226,10 @@ def _triton_layer(combine="concat", gate="softmax", bias=True):
 
 @pytest.mark.parametrize("gate", ["softmax", "softmax_all"])
 def test_saved_tensors_and_stride0_gradient(gate, monkeypatch):
-    """The op keeps the inputs, idx and gates (+ scores and lse for softmax_all) and nothing of
-    the output's size; its backward hands the kernels the (B, out) gradient as a stride-0 view."""
-    from pmoe.kernels import op as kop
+    """The op keeps the inputs, idx, gates, inv and scores / lse (scores empty but for softmax_all)
+    and nothing of the output's size; its backward hands the kernels the (B, out) gradient as a
+    stride-0 view."""
+    from pmoe.kernels import launch
 
     layer = _triton_layer(gate=gate)
     B, k, l, n, out = 2, 4, 3, 12, 8
@@ -237,19 +238,18 @@ def test_saved_tensors_and_stride0_gradient(gate, monkeypatch):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = layer.forward_pooled(x)
     shapes = sorted(tuple(t.shape) for t in saved)
-    want = [tuple(x.shape), (k, 12), (k, 2, 12), (k, 2), (B, k, l), (B, k, l)]  # x, router, weight2d, bias, idx, gates
-    if gate == "softmax_all":
-        want += [(B, k, n), (B, k)]
+    want = [tuple(x.shape), (k, 12), (k, 2, 12), (k, 2), (B, k, l), (B, k, l), (B, k, n),  # x, params, idx, gates, inv
+            (B, k, n if gate == "softmax_all" else 0), (B, k)]  # scores, lse
     assert shapes == sorted(want)
 
     seen = {}
-    backward = kop._backward
+    backward = launch.backward
 
     def spy(dy, *args):
         seen["shape"], seen["stride"], seen["bytes"] = tuple(dy.shape), dy.stride(), dy.untyped_storage().nbytes()
         return backward(dy, *args)
 
-    monkeypatch.setattr(kop, "_backward", spy)
+    monkeypatch.setattr(launch, "backward", spy)
     y.sum().backward()
     assert seen["shape"] == (B, n, out) and seen["stride"] == (out, 0, 1)
     assert seen["bytes"] == B * out * 4  # only the (B, out) gradient exists
@@ -301,14 +301,13 @@ def test_torch_compile_no_graph_break():
 
 @pytest.mark.parametrize("arch", [90, 80])
 def test_pooled_kernels_compile_without_spills(arch):
-    """Every variant and config of the pooled kernels in fp32, the register-hungry dtype (tf32x3
-    dots; 16-bit: test_compile_report's quick run and the full `compile_report.py`);
+    """Every launch of the pooled problems (kernels/registry.py) in fp32, the register-hungry dtype
+    (tf32x3 dots; 16-bit: test_compile_report's quick run and the full `compile_report.py`);
     compile_report exits non-zero on a failure or a spill."""
     pytest.importorskip("triton")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compile_report.py"), "--arch", str(arch),
-                           "--kernels", "expert_pool,expert_pool_det", "--dtypes", "fp32"],
+                           "--match", "pooled", "--dtypes", "fp32"],
                           capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 failed" in proc.stdout
-    for name in ("expert_pool ", "expert_pool_det "):
-        assert f"\n{name}" in proc.stdout
+    assert "\nforward          pooled" in proc.stdout

@@ -1,10 +1,11 @@
-"""The fused route (routing._route_kernel: scores, top-l and gates of an image in one program)
-against the split route (_scores_kernel + _select_kernel), in Triton's interpreter.
+"""The two routes of the forward, in Triton's interpreter: the fused launch (route programs and
+expert tiles in one ticket-ordered launch, forward.py) against the split route (_scores_kernel +
+_select_kernel, then an experts-only launch).
 
-Both do the same arithmetic (the same d-loop of tl.dot, the same keys, sort and gate formulas),
-so the chosen patches, the gates, the outputs and every gradient must be the same bits, with
-exact ties, NaN and infinite scores included; and both must match the float64 reference
-(tests/test_kernels.py runs the fused route through the default rule, this file both).
+Both score with the same d-loop (routing.score_tile, the same BLOCK_D), the same keys, sort and
+gate formulas, so the chosen patches, the gates, the outputs and every gradient must be the same
+bits, with exact ties, NaN and infinite scores included; and both must match the float64
+reference (tests/test_kernels.py runs the default rule, this file both).
 """
 import math
 
@@ -14,8 +15,9 @@ import torch
 pytest.importorskip("triton")
 
 import pmoe  # noqa: E402
+from pmoe.kernels import configs  # noqa: E402
+from pmoe.kernels import launch  # noqa: E402
 from pmoe.kernels import op as kop  # noqa: E402
-from pmoe.kernels import routing as kroute  # noqa: E402
 from pmoe.reference import reference_conv2d  # noqa: E402
 
 
@@ -36,22 +38,17 @@ def _inputs(B, C, H, W, p, k, m, special, seed=0):
 
 
 def _run(route, monkeypatch, x, router, weight, bias, p, l, combine, gate, det, pooled):
-    monkeypatch.setattr(kop, "ROUTE", route)
+    monkeypatch.setattr(launch, "ROUTE", route)
     launched = []
-    real = kop._route_kernel
-
-    class Spy:  # records whether the fused kernel ran
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(kop, "_route_kernel", Spy())
+    real_run = launch.run
+    monkeypatch.setattr(launch, "run", lambda kernel, grid, *a, **kw: launched.append(kw.get("MODE"))
+                        or real_run(kernel, grid, *a, **kw))
     leaves = [t.clone().requires_grad_() for t in (x, router, weight, bias)]
     fn = kop.pooled_fwd if pooled else kop.fused_fwd
-    y, idx, gates, scores, lse = fn(*leaves, p, l, combine, gate, "gelu", det)
+    y, idx, gates, _, inv, scores, lse = fn(*leaves, p, l, combine, gate, "gelu", det)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad((y * dy).nan_to_num().sum(), leaves, allow_unused=True)
-    return (y, idx, gates, scores, lse if gate == "softmax_all" else None, grads), bool(launched)
+    return (y, idx, gates, inv, scores, lse if gate == "softmax_all" else None, grads), launched
 
 
 def _same_bits(a, b, what):
@@ -68,34 +65,41 @@ CASES = [
     (3, 2, 8, 8, 2, 4, 3, 5, False),   # n = 16, k = 4: the WRN/flagship layout in small
     (2, 3, 6, 9, 3, 3, 2, 1, True),    # n = 6 (padded to 16 lanes), l = 1, ties, NaN, inf
     (2, 1, 4, 4, 1, 5, 2, 16, True),   # l = n
-    (2, 2, 10, 10, 2, 20, 2, 7, False),  # k = 20: a 32-expert block, n = 25
+    (5, 2, 10, 10, 2, 20, 2, 7, False),  # k = 20: a 32-expert block, n = 25; two image groups
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}C{}H{}W{}p{}k{}m{}l{}{}".format(*c[:8], "-special" * c[8]))
-@pytest.mark.parametrize("combine,gate,det,pooled", [
+MODES = [  # combine, gate, deterministic, pooled
     ("concat", "softmax", False, False), ("sum", "softmax_all", False, False), ("concat", "indicator", True, False),
-    ("sum", "softmax", True, False), ("concat", "softmax_all", False, True), ("sum", "indicator", False, True)])
-def test_fused_route_same_bits_as_split(monkeypatch, case, combine, gate, det, pooled):
+    ("sum", "softmax", True, False), ("concat", "softmax_all", False, True), ("sum", "indicator", False, True)]
+# the k = 20 case is the slow one under the interpreter: three modes (each gate, both combines,
+# deterministic and pooled once) cover what it adds, the many-expert block and the image groups
+PARAMS = [(c, *m) for c in CASES for i, m in enumerate(MODES) if c[5] < 20 or i in (1, 3, 4)]
+
+
+@pytest.mark.parametrize("case,combine,gate,det,pooled", PARAMS,
+                         ids=["B{}C{}H{}W{}p{}k{}m{}l{}{}-".format(*c[:8], "-special" * c[8]) + "-".join(map(str, m))
+                              for c, *m in PARAMS])
+def test_fused_launch_same_bits_as_split_route(monkeypatch, case, combine, gate, det, pooled):
     B, C, H, W, p, k, m, l, special = case
     x, router, weight, bias = _inputs(B, C, H, W, p, k, m, special)
     args = (x, router, weight, bias, p, l, combine, gate, det, pooled)
-    split, ran = _run("split", monkeypatch, *args)
-    assert not ran
-    fused, ran = _run("fused", monkeypatch, *args)
-    assert ran
-    for name, a, b in zip(["y", "idx", "gates", "scores", "lse"], fused[:5], split[:5]):
+    split, modes = _run("split", monkeypatch, *args)
+    assert launch.FWD_FUSED not in modes and launch.FWD_EXPERTS in modes
+    fused, modes = _run("fused", monkeypatch, *args)
+    assert launch.FWD_FUSED in modes and launch.FWD_EXPERTS not in modes
+    for name, a, b in zip(["y", "idx", "gates", "inv", "scores", "lse"], fused[:6], split[:6]):
         _same_bits(a, b, name)
-    for name, a, b in zip(["x", "router", "weight", "bias"], fused[5], split[5]):
+    for name, a, b in zip(["x", "router", "weight", "bias"], fused[6], split[6]):
         _same_bits(a, b, "d" + name)
     n = (H // p) * (W // p)
-    assert fused[3].shape == (B, k, n if gate == "softmax_all" else 0)  # scores kept only when needed
+    assert fused[4].shape == (B, k, n if gate == "softmax_all" else 0)  # scores kept only when needed
 
 
 @pytest.mark.parametrize("gate", ["softmax", "softmax_all"])
-def test_fused_route_matches_reference(monkeypatch, gate):
-    """fp32 fused route vs the float64 reference: outputs, choice, gates, gradients (< 1e-4)."""
-    monkeypatch.setattr(kop, "ROUTE", "fused")
+def test_fused_launch_matches_reference(monkeypatch, gate):
+    """fp32 fused launch vs the float64 reference: outputs, choice, gates, gradients (< 1e-4)."""
+    monkeypatch.setattr(launch, "ROUTE", "fused")
     x, router, weight, bias = _inputs(2, 3, 8, 8, 2, 4, 3, False, seed=3)
     w5 = weight.view(4, 3, 3, 2, 2)
     leaves = [t.clone().requires_grad_() for t in (x, router, w5, bias)]
@@ -111,18 +115,16 @@ def test_fused_route_matches_reference(monkeypatch, gate):
 
 
 def test_route_rule(monkeypatch):
-    cpu = torch.device("cpu")
-    assert kop.ROUTE == "auto"
-    assert kop.route_fused(1, 64, 4, cpu)        # 64 lanes x 16 experts = the cap
-    assert kop.route_fused(1, 16, 64, cpu)
-    assert not kop.route_fused(1, 65, 4, cpu)    # 128 x 16 lanes: over the cap
-    assert not kop.route_fused(1, 16, 65, cpu)   # experts in two blocks
-    assert kop.route_warps(512) == 4 and kop.route_warps(kroute.ROUTE_MAX_KEYS) == 8
-    monkeypatch.setattr(kop, "ROUTE", "split")
-    assert not kop.route_fused(1, 16, 4, cpu)
-    monkeypatch.setattr(kop, "ROUTE", "fused")
-    with pytest.raises(ValueError, match="n=256, k=8"):
-        kop.route_fused(1, 256, 8, cpu)
-    monkeypatch.setattr(kop, "ROUTE", "fast")
+    P = launch.Problem(1, 1, 8, 8, 1, 4, 2, 2)  # n = 64, k = 4
+    assert launch.ROUTE == "auto"
+    assert configs.route_fits(64, 4) and configs.route_fits(256, 16)       # 256 x 16 lanes = the cap
+    assert not configs.route_fits(257, 4) and not configs.route_fits(16, 65)
+    assert launch.use_fused_route(P)
+    monkeypatch.setattr(launch, "ROUTE", "split")
+    assert not launch.use_fused_route(P)
+    monkeypatch.setattr(launch, "ROUTE", "fused")
+    with pytest.raises(ValueError, match="n=1024, k=8"):
+        launch.use_fused_route(launch.Problem(1, 1, 32, 32, 1, 8, 2, 2))
+    monkeypatch.setattr(launch, "ROUTE", "fast")
     with pytest.raises(ValueError, match="'fast'"):
-        kop.route_fused(1, 16, 4, cpu)
+        launch.use_fused_route(P)

@@ -12,8 +12,8 @@ from pmoe import profiling
 
 TORCH_FWD = {"pmoe.scores", "pmoe.select", "pmoe.experts", "pmoe.combine"}
 TORCH_BWD = {"pmoe.backward.scores", "pmoe.backward.select", "pmoe.backward.experts", "pmoe.backward.combine"}
-TRITON_FWD = {"fused": {"pmoe.route", "pmoe.experts"}, "split": {"pmoe.scores", "pmoe.select", "pmoe.experts"}}
-TRITON_BWD = {"pmoe.backward.dpre", "pmoe.backward.gates", "pmoe.backward.dx", "pmoe.backward.dw"}
+TRITON_FWD = {"fused": {"pmoe.forward"}, "split": {"pmoe.scores", "pmoe.select", "pmoe.experts"}}
+TRITON_BWD = {"pmoe.backward.rows", "pmoe.backward.gates", "pmoe.backward.weights"}  # gates: softmax_all
 
 
 @pytest.fixture
@@ -82,8 +82,8 @@ def test_torch_path_partial_backward_keeps_ranges_paired(profiling_on, tmp_path)
 @pytest.mark.parametrize("route", ["fused", "split"])
 def test_triton_ranges(profiling_on, tmp_path, monkeypatch, route):
     pytest.importorskip("triton")
-    from pmoe.kernels import op
-    monkeypatch.setattr(op, "ROUTE", route)
+    from pmoe.kernels import launch
+    monkeypatch.setattr(launch, "ROUTE", route)
     layer = _layer("triton", gate="softmax_all")
     names = _trace_names(lambda: _step(layer), tmp_path / "triton.json")
     assert TRITON_FWD[route] | TRITON_BWD | {"pmoe.backward.scores"} <= names

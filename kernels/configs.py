@@ -1,0 +1,165 @@
+"""Launch configurations: a small table for the shapes this project benchmarks, rules for the rest.
+
+No autotuning by default: a config is a pure function of the shape, the dtype and the GPU
+generation, so every run of a shape launches the same code (deterministic mode needs nothing
+more), the interpreter runs exactly what the GPU would (bench/traffic.py models that), and
+bench/compile_report.py compiles exactly these.  The table is where a GPU session's tuning lands
+(bench/gpu_check.py prints the config it ran beside each time).
+
+Sizes are chosen from the traffic model and the compile report, not guessed:
+- expert tiles of BLOCK_R = 128 rows (whole images: GROUP = 128 // l of them) read each expert's
+  weights B*l/128 times; 64-row tiles would double that;
+- BLOCK_N (+ BLOCK_N2) covers all of an expert's m <= 256 outputs (160 = 128 + 32), so each
+  gathered row is read once per expert;
+- the route program holds an image's (N_POW2, BLOCK_K) scores: up to ROUTE_MAX_LANES of them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import triton
+
+ROUTE_MAX_LANES = 4096  # next_pow2(n) * next_pow2(k): above it the split route runs (launch.py)
+MAX_COLS = 256          # output columns per pass of an expert tile
+
+
+def _np2(v: int) -> int:
+    return triton.next_power_of_2(max(int(v), 1))
+
+
+def _prev_pow2(v: int) -> int:
+    return 1 << (max(int(v), 1).bit_length() - 1)
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    # route programs
+    n_pow2: int      # patches per image, padded
+    block_k: int     # experts per score tile (>= 16: tl.dot)
+    block_d: int     # features per step of the score loop
+    block_m: int     # output columns per zero-fill store
+    # expert tiles
+    block_r: int     # rows per tile
+    group: int       # whole images per tile (1 when l > block_r: the tile loops over chunks)
+    l_chunk: int     # ranks per image per chunk
+    block_n: int     # first column block
+    block_n2: int    # second column block (used when has_n2)
+    has_n2: bool
+    block_dk: int    # features per step of the expert K loop
+    num_warps: int
+    num_stages: int
+
+    @property
+    def route_lanes(self) -> int:
+        return self.n_pow2 * self.block_k
+
+
+def column_blocks(m: int, max_cols: int = MAX_COLS) -> tuple[int, int, bool]:
+    """(BLOCK_N, BLOCK_N2, HAS_N2): a first block of at most max_cols / 2 columns and a second of
+    at most half of it and max_cols / 8, covering m in one pass with little padding where they
+    can (160 -> 128 + 32, 96 -> 64 + 32, 128 -> 128); wider m runs passes of max_cols / 4 columns
+    (the passes keep more live across the K loop: 300 -> 5 x 64)."""
+    first = max(16, min(max_cols // 2, _prev_pow2(m)))
+    rest = m - first
+    if rest <= 0:
+        return first, 16, False
+    second = max(16, min(first // 2, max_cols // 8, _np2(rest)))
+    if first + second < m:
+        return max(16, max_cols // 4), 16, False
+    return first, second, True
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The largest tiles that compile without spills for one GPU generation and element size
+    (bench/compile_report.py checks every launch of kernels/registry.py against this)."""
+    block_r: int       # expert tile rows
+    max_cols: int      # expert tile columns per pass
+    fwd_warps: int     # the forward kernel
+    rows_warps: int    # the backward's expert tiles (rows_bwd)
+    dxdw_warps: int    # the backward's dX / dW programs
+    block_dt: int      # features per step of T = dPre @ W_s
+    dw_lanes: int      # dW accumulator: columns x features
+    stages: int
+
+
+# (sm >= 90: wgmma; else mma.sync) x (2: bf16/fp16; 4: fp32 as tf32x3, three products a dot).
+# Every kernel runs 8 warps with ptxas allowed all 255 registers (MAXNREG): left to itself,
+# ptxas caps some 8-warp kernels at 128 registers and spills; at 4 warps (2 CTAs an SM) the
+# forward's epilogue-heavy variants spill on both generations.  One CTA of 8 warps an SM is the
+# same 8 warps an SM as two of 4.
+MAXNREG = 255
+BUDGETS = {
+    (90, 2): Budget(64, 256, fwd_warps=8, rows_warps=8, dxdw_warps=8, block_dt=64, dw_lanes=32768, stages=3),
+    (90, 4): Budget(32, 64, fwd_warps=8, rows_warps=8, dxdw_warps=8, block_dt=16, dw_lanes=4096, stages=3),
+    (80, 2): Budget(32, 128, fwd_warps=8, rows_warps=8, dxdw_warps=8, block_dt=32, dw_lanes=8192, stages=2),
+    (80, 4): Budget(32, 64, fwd_warps=8, rows_warps=8, dxdw_warps=8, block_dt=16, dw_lanes=2048, stages=2),
+}
+
+
+def budget(elt_bytes: int, sm: int) -> Budget:
+    return BUDGETS[(90 if sm >= 90 else 80, 2 if elt_bytes <= 2 else 4)]
+
+
+def route_fits(n: int, k: int) -> bool:
+    """Whether one route program can hold an image's scores (else the split route runs)."""
+    return k <= 64 and max(16, _np2(n)) * max(16, _np2(k)) <= ROUTE_MAX_LANES
+
+
+def expert_rows(l: int, block_r: int) -> tuple[int, int]:
+    """(GROUP, L_CHUNK): whole images per tile when l <= block_r, else chunks of one image."""
+    if l <= block_r:
+        return block_r // l, l
+    return 1, block_r
+
+
+def forward_config(n: int, d: int, k: int, l: int, m: int, elt_bytes: int, sm: int = 90) -> ForwardConfig:
+    """The forward's config for n patches of d features, k experts taking l each, m outputs each,
+    elements of elt_bytes (2: bf16/fp16, 4: fp32), on a GPU of compute capability sm (90 = H100)."""
+    bud = budget(elt_bytes, sm)
+    n_pow2 = max(16, _np2(n))
+    group, l_chunk = expert_rows(l, bud.block_r)
+    block_n, block_n2, has_n2 = column_blocks(m, bud.max_cols)
+    return ForwardConfig(n_pow2=n_pow2, block_k=max(16, _np2(k)),
+                         block_d=max(16, min(64, 4096 // n_pow2)),  # (n_pow2, block_d): <= 32 a thread
+                         block_m=max(16, min(64, 2048 // n_pow2)),
+                         block_r=bud.block_r, group=group, l_chunk=l_chunk, block_n=block_n, block_n2=block_n2,
+                         has_n2=has_n2, block_dk=64 if elt_bytes == 2 else 32, num_warps=bud.fwd_warps,
+                         num_stages=bud.stages)
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    fwd: ForwardConfig  # the expert tiles of step 1 are the forward's (rows, columns, K steps)
+    block_dt: int       # features per step of T = dPre @ W_s in the tiles
+    # dX programs
+    n_block: int        # patches per step (power of two; one step unless n is large)
+    block_dx: int       # features per dX program
+    # dW programs
+    block_dw: int       # features per dW program
+    block_rk: int       # rows per step of the split's reduction
+    splits: int         # splits of the B*l rows per (expert, d block)
+    num_warps: int
+
+
+DX_MAX_LANES = 4096  # (patches, features) of a dX program: 32 fp32 accumulators a thread at 4 warps
+
+
+def backward_config(B: int, n: int, d: int, k: int, l: int, m: int, elt_bytes: int, sm: int = 90,
+                    sms: int = 132) -> BackwardConfig:
+    """The backward's config (see forward_config); sms: the GPU's multiprocessors (132: H100
+    SXM), so the dW programs fill a wave."""
+    bud = budget(elt_bytes, sm)
+    fwd = dataclasses.replace(forward_config(n, d, k, l, m, elt_bytes, sm), num_warps=bud.rows_warps)
+    n_block = min(_np2(n), 256)
+    cols = fwd.block_n + (fwd.block_n2 if fwd.has_n2 else 0)
+    # dPre is re-read once per d block: wide dW blocks, as far as the accumulator allows
+    block_dw = max(16, min(128 if cols >= 64 else 64, _prev_pow2(bud.dw_lanes // cols)))
+    # splits: one wave of dW programs at least; each split writes a fp32 (m, d) partial per
+    # expert, so more splits cost more traffic than they buy.  Independent of B (the traffic
+    # model extrapolates launches traced at small B).
+    splits = max(1, triton.cdiv(sms, k * triton.cdiv(d, block_dw)))
+    return BackwardConfig(fwd=fwd, block_dt=bud.block_dt, n_block=n_block,
+                          block_dx=max(16, min(64, DX_MAX_LANES // n_block)), block_dw=block_dw, block_rk=32,
+                          splits=splits, num_warps=bud.dxdw_warps)
