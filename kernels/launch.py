@@ -9,6 +9,7 @@ Every launch runs with x's CUDA device current (device_guard) inside a pmoe.prof
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,6 +18,7 @@ import triton
 from torch import Tensor
 
 from pmoe.profiling import nvtx_range
+from pmoe.routing import gate_values
 
 from . import configs
 from .forward import _forward_kernel
@@ -80,6 +82,16 @@ def device_guard(x: Tensor):
     """Triton launches on the current CUDA device and custom ops add no DeviceGuard: make x's
     device current for the launches (CPU tensors, i.e. the interpreter: nothing to do)."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def on_device(launcher):
+    """Decorator: run the launcher under device_guard of its first argument (x, or dy on x's
+    device)."""
+    @functools.wraps(launcher)
+    def guarded(*args, **kwargs):
+        with device_guard(args[0]):
+            return launcher(*args, **kwargs)
+    return guarded
 
 
 def _matmul_allows_tf32() -> bool:
@@ -162,23 +174,18 @@ def use_fused_route(P: Problem) -> bool:
 def select_torch(scores: Tensor, l: int, gate: str, lse: Tensor, inv: Tensor, y: Optional[Tensor]):
     """_select_kernel in torch ops, for rows longer than routing.SELECT_MAX_N: the same int64
     keys (utils.selection_keys_torch, the jit helper's twin) so the same patches in the same
-    order, the gates and lse by the kernel's formulas from the same fp32 scores (equal up to
-    summation order / exp rounding), inv, and y zeroed whole (the experts then overwrite the
-    taken blocks: the kernel's zero-fill, bit for bit).  -> idx, gates."""
+    order; the gates and lse by the torch path's formula (pmoe.routing.gate_values) from the
+    same fp32 scores (equal to the kernel's up to summation order / exp rounding); inv; and y
+    zeroed whole (the experts then overwrite the taken blocks: the kernel's zero-fill, bit for
+    bit).  -> idx, gates."""
     top = torch.topk(selection_keys_torch(scores), l, dim=-1, largest=True, sorted=True).values
     idx = key_patch_torch(top)
     sel = key_score_torch(top)
-    if gate == "softmax":
-        ex = torch.exp(sel - sel.amax(dim=-1, keepdim=True))
-        gates = ex / ex.sum(dim=-1, keepdim=True)
-    elif gate == "indicator":
-        gates = torch.ones_like(sel)
-    else:  # log-sum-exp over all n, with torch.logsumexp's handling of an infinite max
-        mx = scores.amax(dim=-1, keepdim=True)
-        shift = torch.where(mx.abs() == float("inf"), torch.zeros_like(mx), mx)
-        row_lse = torch.log(torch.exp(scores - shift).sum(dim=-1, keepdim=True)) + shift
-        lse.copy_(row_lse.squeeze(-1))
-        gates = torch.exp(sel - row_lse)
+    row_lse = None
+    if gate == "softmax_all":
+        row_lse = torch.logsumexp(scores, dim=-1)
+        lse.copy_(row_lse)
+    gates = gate_values(sel, gate, row_lse)
     inv.fill_(-1).scatter_(2, idx, torch.arange(l, device=idx.device, dtype=torch.int32).expand(idx.shape).contiguous())
     if y is not None:
         y.zero_()
@@ -208,17 +215,17 @@ def _split_route(x, router, rows, P: Problem, gate, cfg, y, idx, gates, gates_ou
     return idx, gates, gates_out, scores
 
 
+@on_device
 def forward(x: Tensor, router: Tensor, weight: Tensor, bias: Optional[Tensor], p: int, l: int, combine: str,
-            gate: str, activation: str, deterministic: bool, pooled: bool):
-    """-> out, idx (B, k, l) int64, gates (B, k, l) in x's dtype, the same in fp32, inv (B, k, n)
-    int32, scores (B, k, n) fp32 for softmax_all ((B, k, 0) otherwise), lse (B, k) fp32.
-    out: (B, n, out) in x's dtype, or pooled (B, out) in x's dtype."""
+            gate: str, activation: str, deterministic: bool, pooled: bool
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The custom op pmoe::fused_fwd (op.py registers it).  x: (B, C, H, W) any strides; router
+    (k, d); weight (k, m, d); bias (k, m) or None; then pmoe.vocab.Options' fields in order.
+    -> out, idx (B, k, l) int64 best first, gates (B, k, l) in x's dtype (Routing.gates), the same
+    in fp32 (for the backward), inv (B, k, n) int32, scores (B, k, n) fp32 for softmax_all
+    ((B, k, 0) otherwise), lse (B, k) fp32.  out: (B, n, out) in x's dtype, contiguous, or pooled
+    its sum over the n patches, (B, out)."""
     P = Problem.of(x, p, weight, l)
-    with device_guard(x):
-        return _forward(x, router, weight, bias, P, combine, gate, activation, deterministic, pooled)
-
-
-def _forward(x, router, weight, bias, P: Problem, combine, gate, activation, deterministic, pooled):
     dev, f32 = x.device, torch.float32
     B, n, k, m, l, d = P.B, P.n, P.k, P.m, P.l, P.d
     cfg = configs.forward_config(n, d, k, l, m, x.element_size(), capability(x))
@@ -275,17 +282,14 @@ def multiprocessors(x: Tensor) -> int:
     return torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
 
 
+@on_device
 def backward(dy: Tensor, x: Tensor, router: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor,
              gates: Tensor, inv: Tensor, scores: Tensor, lse: Tensor, p: int, l: int, combine: str, gate: str,
-             activation: str):
-    """dy: (B, n, out) any strides over (B, n) (the pooled op's is a stride-0 view over n).
+             activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The custom op pmoe::fused_bwd.  dy: (B, n, out) any strides over (B, n) (the pooled
+    forward's is a stride-0 view over n); then forward's inputs and saved outputs.
     -> dx (x's dtype and layout), d router, d weight, d bias (empty without bias)."""
     P = Problem.of(x, p, weight, l)
-    with device_guard(x):
-        return _backward(dy, x, router, weight, bias, idx, gates, inv, scores, lse, P, combine, gate, activation)
-
-
-def _backward(dy, x, router, weight, bias, idx, gates, inv, scores, lse, P: Problem, combine, gate, activation):
     from .backward import _dx_dw_kernel, _rows_bwd_kernel
     from .routing import GATE_BWD_BLOCK, _gate_bwd_kernel, _route_dense_dr_kernel
 

@@ -1,5 +1,5 @@
-"""The custom ops `pmoe::fused_fwd`, `pmoe::pooled_fwd` and `pmoe::fused_bwd`: the public entry
-points first, then the ops with their fakes, autograd and FLOP formulas.  Launches: launch.py.
+"""The custom ops `pmoe::fused_fwd` (pooled or not) and `pmoe::fused_bwd`: their fakes, autograd
+and FLOP formulas.  Their implementations are the launchers, launch.forward and launch.backward.
 
 Forward: one launch (route and experts, forward.py) where an image's scores fit one program,
 else three.  Backward: two launches (backward.py), plus the gate backward where it is not fused
@@ -17,69 +17,16 @@ is rebuilt there too.  Backward scratch: dPre (k, B·l, m) in x's dtype, the dW 
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
-
-from pmoe.routing import Routing
 
 from . import launch
 
-
-def pmoe_fused(x_map: Tensor, p: int, router: Tensor, weight2d: Tensor, bias: Optional[Tensor], l: int,
-               combine: str, gate: str, activation: str, deterministic: bool, pooled: bool = False
-               ) -> tuple[Tensor, Routing]:
-    """The fused pMoE layer (pmoe.functional checks the arguments).
-
-    x_map: (B, C, H, W) any strides; router (k, d); weight2d (k, m, d); bias (k, m) or None.
-    Returns y (B, n, k*m | m) contiguous in x's dtype, or pooled its sum over the n patches
-    (B, k*m | m), and Routing(indices (B, k, l) int64 best first, gates (B, k, l) detached in
-    x's dtype like the torch path, n).
-    """
-    op = pooled_fwd if pooled else fused_fwd
-    y, idx, gates, *_ = op(x_map, router, weight2d, bias, p, l, combine, gate, activation, deterministic)
-    n = (x_map.shape[2] // p) * (x_map.shape[3] // p)
-    return y, Routing(idx, gates.detach(), n)
-
-
-def pmoe_fused_pooled(x_map: Tensor, p: int, router: Tensor, weight2d: Tensor, bias: Optional[Tensor], l: int,
-                      combine: str, gate: str, activation: str, deterministic: bool) -> tuple[Tensor, Routing]:
-    """pmoe_fused summed over the n patches: (B, k*m | m); the (B, n, out) map is never written
-    (nor its gradient in backward)."""
-    return pmoe_fused(x_map, p, router, weight2d, bias, l, combine, gate, activation, deterministic, pooled=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# custom ops: opaque to torch.compile (no graph break), differentiable, visible to FlopCounterMode
-
-
-@torch.library.custom_op("pmoe::fused_fwd", mutates_args=())
-def fused_fwd(x: Tensor, router: Tensor, weight: Tensor, bias: Optional[Tensor], p: int, l: int,
-              combine: str, gate: str, activation: str, deterministic: bool
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> y (B, n, out) x.dtype, idx (B, k, l) int64, gates (B, k, l) in x's dtype (Routing.gates),
-    the gates in fp32 (for the backward), inv (B, k, n) int32, scores (B, k, n) fp32 and lse (B, k)
-    fp32 (softmax_all; scores is (B, k, 0) otherwise)."""
-    return launch.forward(x, router, weight, bias, p, l, combine, gate, activation, deterministic, pooled=False)
-
-
-@torch.library.custom_op("pmoe::pooled_fwd", mutates_args=())
-def pooled_fwd(x: Tensor, router: Tensor, weight: Tensor, bias: Optional[Tensor], p: int, l: int,
-               combine: str, gate: str, activation: str, deterministic: bool
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """fused_fwd summed over the n patches: -> out (B, out) x.dtype, then as fused_fwd."""
-    return launch.forward(x, router, weight, bias, p, l, combine, gate, activation, deterministic, pooled=True)
-
-
-@torch.library.custom_op("pmoe::fused_bwd", mutates_args=())
-def fused_bwd(dy: Tensor, x: Tensor, router: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor,
-              gates: Tensor, inv: Tensor, scores: Tensor, lse: Tensor, p: int, l: int, combine: str, gate: str,
-              activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> dx (x's dtype and layout), d router, d weight, d bias (empty when bias is None)."""
-    return launch.backward(dy, x, router, weight, bias, idx, gates, inv, scores, lse, p, l, combine, gate,
-                           activation)
+# The ops run the launchers themselves (no wrapper frame of their own): a layer call reaches the
+# kernel launches as PMoEConv2d.forward -> pmoe_conv2d -> the backend table's _triton -> the
+# device guard -> launch.forward.  Arguments: the tensors, then pmoe.vocab.Options' fields.
+fused_fwd = torch.library.custom_op("pmoe::fused_fwd", launch.forward, mutates_args=())
+fused_bwd = torch.library.custom_op("pmoe::fused_bwd", launch.backward, mutates_args=())
 
 
 def _fake_outputs(x, weight, p, l, combine, gate, pooled):
@@ -95,13 +42,8 @@ def _fake_outputs(x, weight, p, l, combine, gate, pooled):
 
 
 @fused_fwd.register_fake
-def _(x, router, weight, bias, p, l, combine, gate, activation, deterministic):
-    return _fake_outputs(x, weight, p, l, combine, gate, pooled=False)
-
-
-@pooled_fwd.register_fake
-def _(x, router, weight, bias, p, l, combine, gate, activation, deterministic):
-    return _fake_outputs(x, weight, p, l, combine, gate, pooled=True)
+def _(x, router, weight, bias, p, l, combine, gate, activation, deterministic, pooled):
+    return _fake_outputs(x, weight, p, l, combine, gate, pooled)
 
 
 @fused_bwd.register_fake
@@ -111,17 +53,19 @@ def _(dy, x, router, weight, bias, idx, gates, inv, scores, lse, p, l, combine, 
 
 
 def _setup_context(ctx, inputs, output):
-    x, router, weight, bias, p, l, combine, gate, activation, deterministic = inputs
+    x, router, weight, bias, p, l, combine, gate, activation, deterministic, pooled = inputs
     _, idx, _, gates, inv, scores, lse = output
     ctx.save_for_backward(x, router, weight, bias, idx, gates, inv, scores, lse)
     ctx.cfg = (p, l, combine, gate, activation)
-    ctx.has_bias = bias is not None
+    ctx.has_bias, ctx.pooled = bias is not None, pooled
     ctx.set_materialize_grads(False)  # the routing outputs have no gradient: no zero tensors for them
 
 
 def _autograd_backward(ctx, dy, *_routing_grads):
     if dy is None:  # only the routing outputs were used
-        return (None,) * 10
+        return (None,) * 11
+    if ctx.pooled:
+        dy = _pooled_dy(dy, ctx.saved_tensors[0], ctx.cfg[0])
     if torch.is_grad_enabled() and dy.requires_grad:
         raise RuntimeError("the fused pMoE op has no double backward (create_graph=True); run the layer with "
                            "backend='torch' for second derivatives (docs/ROBUSTNESS.md)")
@@ -129,23 +73,17 @@ def _autograd_backward(ctx, dy, *_routing_grads):
     dx, dr, dw, db = fused_bwd(dy, x, router, weight, bias, idx, gates, inv, scores, lse, *ctx.cfg)
     gate = ctx.cfg[3]
     dr = None if gate == "indicator" else dr  # the choice has no gradient and the gate is 1
-    return dx, dr, dw, (db if ctx.has_bias else None), None, None, None, None, None, None
+    return dx, dr, dw, (db if ctx.has_bias else None), *(None,) * 7
 
 
-def _pooled_autograd_backward(ctx, dout, *_routing_grads):
+def _pooled_dy(dout, x, p):
     """out[b] = sum_j y[b, j], so dY[b, j] = dOut[b] for every patch j: a stride-0 view over the
     patches, read as such by the kernels, never a (B, n, out) tensor."""
-    if dout is None:
-        return (None,) * 10
-    x = ctx.saved_tensors[0]
-    p = ctx.cfg[0]
     n = (x.shape[2] // p) * (x.shape[3] // p)
-    dy = dout.contiguous().unsqueeze(1).expand(dout.shape[0], n, dout.shape[1])
-    return _autograd_backward(ctx, dy, *_routing_grads)
+    return dout.contiguous().unsqueeze(1).expand(dout.shape[0], n, dout.shape[1])
 
 
 fused_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
-pooled_fwd.register_autograd(_pooled_autograd_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,7 +97,7 @@ def _fwd_flops(x_shape, w_shape, p, l):
     return 2 * B * n * d * k, 2 * B * k * l * d * m
 
 
-@register_flop_formula([torch.ops.pmoe.fused_fwd, torch.ops.pmoe.pooled_fwd])
+@register_flop_formula(torch.ops.pmoe.fused_fwd)
 def _fused_fwd_flop(x_shape, router_shape, w_shape, bias_shape, p, l, *args, out_shape=None, **kwargs) -> int:
     """routing 2·B·n·d·k + experts 2·B·k·l·d·m (pooled too: its sum over patches is additions only,
     which FlopCounterMode does not count for the unpooled layer + torch.sum either)."""

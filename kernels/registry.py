@@ -186,7 +186,3 @@ def launches(dtype: str = "bf16", sm: int = 90, problems=PROBLEMS) -> list[Launc
                 found.append(rec)
     return found
 
-
-def dot_precision_for(dtype: str) -> str:
-    """launch.dot_precision for a dtype name, with torch's default matmul precision (fp32: tf32x3)."""
-    return "tf32x3" if dtype == "fp32" else "tf32"

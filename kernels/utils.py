@@ -118,7 +118,7 @@ def selection_keys(score, j, valid):
 
 def selection_keys_torch(scores: torch.Tensor) -> torch.Tensor:
     """selection_keys in torch ops for a (..., n) fp32 score tensor (every patch valid): the
-    same int64 keys bit for bit (tests/test_kernels_gpu_readiness.py compares the two), used by
+    same int64 keys bit for bit (tests/test_launch.py compares the two), used by
     the top-l fallback for rows too long to sort on chip (op.py)."""
     n = scores.shape[-1]
     u = scores.contiguous().view(torch.int32)

@@ -5,11 +5,13 @@
     s = pmoe_conv2d_pooled(x, router, weight, bias, patch_size=p, top_l=l)  # (B,C,H,W) -> (B,out)
     s = pmoe_pooled(x, router, weight, bias, top_l=l)                    # (B,n,d)   -> (B,out)
 
-The pooled forms return the layer's output summed over all patches (what a sum- or
-average-pooling head reads) without ever making the (B, out, H/p, W/p) map, nor its gradient.
+The pooled forms (the same as pooled=True) return the layer's output summed over all patches
+(what a sum- or average-pooling head reads) without ever making the (B, out, H/p, W/p) map, nor
+its gradient.
 
-Every argument is checked here, before any kernel launch; the computation itself is
-`torch_backend` (vectorised PyTorch) or `pmoe.kernels` (fused Triton).
+Every argument is checked here, before any kernel launch, and the options become one
+pmoe.vocab.Options; the computation itself is an entry of the table BACKENDS: `torch_backend`
+(vectorised PyTorch) or `pmoe.kernels` (fused Triton), one signature for both.
 """
 from __future__ import annotations
 
@@ -18,12 +20,11 @@ from typing import Optional, Union
 
 import torch
 
-from .activations import ACTIVATIONS
-from .routing import GATES, Routing, resolve_top_l
-from .torch_backend import autocast_dtype, patches_from_map_hwc, pmoe_patches_pooled_torch, pmoe_patches_torch
+from . import vocab
+from .routing import Routing, resolve_top_l
+from .torch_backend import autocast_dtype, patches_from_map_hwc, pmoe_patches_torch
+from .vocab import Options
 
-BACKENDS = ("auto", "torch", "triton")
-COMBINES = ("concat", "sum")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -39,17 +40,6 @@ def triton_available() -> bool:
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def check_options(combine: str, gate: str, activation: str, backend: str) -> None:
-    for name, value, allowed in (
-        ("combine", combine, COMBINES),
-        ("gate", gate, GATES),
-        ("activation", activation, tuple(ACTIVATIONS)),
-        ("backend", backend, BACKENDS),
-    ):
-        if not isinstance(value, str) or value not in allowed:
-            raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
 
 
 def _check_tensors(x: torch.Tensor, router: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
@@ -77,12 +67,24 @@ def _check_tensors(x: torch.Tensor, router: torch.Tensor, weight: torch.Tensor, 
             )
 
 
+def check_options(combine: str, gate: str, activation: str, backend: str) -> None:
+    """ValueError for a name outside pmoe.vocab, or a backend outside "auto" and BACKENDS."""
+    vocab.check("combine", combine)
+    vocab.check("gate", gate)
+    vocab.check("activation", activation)
+    allowed = ("auto", *BACKENDS)
+    if not isinstance(backend, str) or backend not in allowed:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {allowed}")
+
+
 def _choose_backend(backend: str, x: torch.Tensor) -> str:
+    """The BACKENDS key to run; raises for an explicit backend that cannot run x.  An empty batch
+    runs on the torch path (nothing to launch)."""
     if backend == "torch":
         return "torch"
     if backend == "auto":
         usable = x.is_cuda and x.dtype in _KERNEL_DTYPES and triton_available()
-        return "triton" if usable else "torch"
+        return "triton" if usable and x.shape[0] else "torch"
     # explicit triton
     if not triton_available():
         raise ValueError("backend='triton' needs the triton package; install it or use backend='torch'")
@@ -93,7 +95,7 @@ def _choose_backend(backend: str, x: torch.Tensor) -> str:
         )
     if x.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"backend='triton' supports float32, bfloat16 and float16, got {x.dtype}")
-    return "triton"
+    return "triton" if x.shape[0] else "torch"
 
 
 def _check_shapes(d: int, router: torch.Tensor, weight2d_shape: tuple, bias: Optional[torch.Tensor], combine: str) -> tuple[int, int]:
@@ -112,54 +114,36 @@ def _check_shapes(d: int, router: torch.Tensor, weight2d_shape: tuple, bias: Opt
     return k, m
 
 
-def _run(
-    x_map: Optional[torch.Tensor],
-    xp: Optional[torch.Tensor],
-    p: int,
-    router: torch.Tensor,
-    weight2d: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    l: int,
-    combine: str,
-    gate: str,
-    activation: str,
-    backend: str,
-    deterministic: bool,
-    pooled: bool = False,
-) -> tuple[torch.Tensor, Routing]:
-    """Dispatch.  Exactly one of x_map (B,C,H,W) / xp (B,n,d) is given; returns (B, n, out), or
-    with pooled its sum over the n patches, (B, out)."""
-    src = x_map if x_map is not None else xp
-    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
-    if backend == "triton" and src.shape[0] > 0:
-        from pmoe.kernels import pmoe_fused, pmoe_fused_pooled
-
-        ac = autocast_dtype(src.device.type)
-        if ac is not None:
-            # autocast does not reach inside the kernels: cast here so that they always see one
-            # floating dtype (the invariant _check_tensors enforces outside autocast).  .to() is
-            # differentiable, so gradients still reach fp32 parameters.
-            x_map = x_map.to(ac) if x_map is not None else None
-            xp = xp.to(ac) if xp is not None else None
-            router, weight2d = router.to(ac), weight2d.to(ac)
-            bias = bias.to(ac) if bias is not None else None
-        if x_map is None:  # a token is a 1x1 patch of a (B, d, 1, n) map: no copy, just strides
-            x_map = xp.transpose(1, 2).unsqueeze(2)
-        fused = pmoe_fused_pooled if pooled else pmoe_fused
-        return fused(x_map, p, router, weight2d, bias, l, combine, gate, activation, deterministic)
-    cp = None
-    if xp is None:
-        # Each patch's features in (p, p, C) order (the parameters follow inside the path): the
-        # same dot products, but the patch copy moves C-long runs (of the NHWC view), several
-        # times faster on CPU than the unfold order's p-long runs.  Decided by C and p alone.
-        cp = (x_map.shape[1], p)
-        xp = patches_from_map_hwc(x_map, p)
-    path = pmoe_patches_pooled_torch if pooled else pmoe_patches_torch
-    return path(xp, router, weight2d, bias, l, combine, gate, activation, cp, deterministic)
+def _torch(x: torch.Tensor, router: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+           o: Options) -> tuple[torch.Tensor, Routing]:
+    """The PyTorch path on the patch rows, each patch's features in (p, p, C) order (the
+    parameters follow inside the path): the same dot products, but the patch copy moves C-long
+    runs of the NHWC view, several times faster on CPU than the unfold order's p-long runs."""
+    return pmoe_patches_torch(patches_from_map_hwc(x, o.p), router, weight, bias, o, cp=(x.shape[1], o.p))
 
 
-def _check_conv2d(x, router, weight, bias, patch_size, top_l, combine, gate, activation, backend):
-    """pmoe_conv2d's checks.  -> (l, backend to run, weight as (k, m, d))."""
+def _triton(x: torch.Tensor, router: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            o: Options) -> tuple[torch.Tensor, Routing]:
+    """The fused kernels (importing them imports triton): the custom op, its plain arguments
+    unpacked from o.  Autocast does not reach inside the kernels: cast here, so that they always
+    see one floating dtype (.to() is differentiable: gradients still reach fp32 parameters)."""
+    from pmoe.kernels import fused_fwd
+
+    ac = autocast_dtype(x.device.type)
+    if ac is not None:
+        x, router, weight = x.to(ac), router.to(ac), weight.to(ac)
+        bias = bias.to(ac) if bias is not None else None
+    y, idx, gates, *_ = fused_fwd(x, router, weight, bias, *o.op_args())
+    return y, Routing(idx, gates.detach(), (x.shape[2] // o.p) * (x.shape[3] // o.p))
+
+
+# Every backend: (x (B, C, H, W) map, router (k, d), weight (k, m, d), bias (k, m) or None, Options)
+# -> (y (B, n, out), or with o.pooled its sum over the n patches (B, out); Routing).
+BACKENDS = {"torch": _torch, "triton": _triton}
+
+
+def _check_conv2d(x, router, weight, bias, patch_size, combine, gate, activation, backend):
+    """pmoe_conv2d's checks, top_l's aside.  -> (n, weight as (k, m, d))."""
     check_options(combine, gate, activation, backend)
     _check_tensors(x, router, weight, bias)
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
@@ -178,11 +162,11 @@ def _check_conv2d(x, router, weight, bias, patch_size, top_l, combine, gate, act
         raise ValueError(f"input has an empty spatial size {H}x{W}")
     n, d = (H // p) * (W // p), C * p * p
     k, m = _check_shapes(d, router, weight.shape[:2], bias, combine)
-    return resolve_top_l(top_l, n), _choose_backend(backend, x), weight.reshape(k, m, d)
+    return n, weight.reshape(k, m, d)
 
 
-def _check_tokens(x, router, weight, bias, top_l, combine, gate, activation, backend):
-    """pmoe's checks.  -> (l, backend to run)."""
+def _check_tokens(x, router, weight, bias, combine, gate, activation, backend) -> int:
+    """pmoe's checks, top_l's aside.  -> n."""
     check_options(combine, gate, activation, backend)
     _check_tensors(x, router, weight, bias)
     if x.dim() != 3:
@@ -195,7 +179,13 @@ def _check_tokens(x, router, weight, bias, top_l, combine, gate, activation, bac
     if n == 0:
         raise ValueError("input has no patches (n = 0)")
     _check_shapes(d, router, weight.shape[:2], bias, combine)
-    return resolve_top_l(top_l, n), _choose_backend(backend, x)
+    return n
+
+
+def _options(p, top_l, n, combine, gate, activation, deterministic, pooled) -> Options:
+    """The call's Options: top_l resolved against n, torch's global deterministic flag honoured."""
+    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
+    return Options(p, resolve_top_l(top_l, n), combine, gate, activation, deterministic, pooled)
 
 
 def pmoe_conv2d(
@@ -212,49 +202,36 @@ def pmoe_conv2d(
     backend: str = "auto",
     deterministic: bool = False,
     return_routing: bool = False,
+    pooled: bool = False,
 ):
     """Patch-level routed MoE on a feature map (SPEC §1).
 
     x: (B, C, H, W); router: (k, C*p*p) in unfold order; weight: (k, m, C, p, p); bias: (k, m).
     Returns y: (B, k*m, H/p, W/p) for "concat", (B, m, H/p, W/p) for "sum" (a channels-last
     view: the kernels write each patch's channels contiguously), and, with return_routing, the
-    Routing (indices (B, k, l) int64, gates (B, k, l)).
+    Routing (indices (B, k, l) int64, gates (B, k, l)).  pooled: see pmoe_conv2d_pooled.
     """
-    l, which, weight2d = _check_conv2d(x, router, weight, bias, patch_size, top_l, combine, gate, activation, backend)
-    B, C, H, W = x.shape
-    p = patch_size
-    y, routing = _run(x, None, p, router, weight2d, bias, l, combine, gate, activation, which, deterministic)
-    y = y.view(B, H // p, W // p, y.shape[-1]).permute(0, 3, 1, 2)
+    n, weight2d = _check_conv2d(x, router, weight, bias, patch_size, combine, gate, activation, backend)
+    o = _options(patch_size, top_l, n, combine, gate, activation, deterministic, pooled)
+    y, routing = BACKENDS[_choose_backend(backend, x)](x, router, weight2d, bias, o)
+    if not pooled:
+        B, _, H, W = x.shape
+        y = y.view(B, H // o.p, W // o.p, y.shape[-1]).permute(0, 3, 1, 2)
     return (y, routing) if return_routing else y
 
 
-def pmoe_conv2d_pooled(
-    x: torch.Tensor,
-    router: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    *,
-    patch_size: int,
-    top_l: Union[int, float],
-    combine: str = "concat",
-    gate: str = "softmax",
-    activation: str = "relu",
-    backend: str = "auto",
-    deterministic: bool = False,
-    return_routing: bool = False,
-):
+def pmoe_conv2d_pooled(x: torch.Tensor, router: torch.Tensor, weight: torch.Tensor,
+                       bias: Optional[torch.Tensor] = None, **options):
     """pmoe_conv2d summed over all patches: ``pmoe_conv2d(x, ...).sum((2, 3))``, (B, out), without
     making the (B, out, H/p, W/p) map (forward) or its gradient (backward).
 
     The paper's classifier (SPEC §2) is this divided by l, then a linear head.  Same arguments
-    and checks as pmoe_conv2d; returns (B, k*m) for "concat", (B, m) for "sum", and, with
-    return_routing, the Routing.  Equal to the unpooled layer's sum up to float rounding (the
-    sum runs over the chosen patches in rank order instead of over the map).
+    and checks as pmoe_conv2d (it is pmoe_conv2d(..., pooled=True)); returns (B, k*m) for
+    "concat", (B, m) for "sum", and, with return_routing, the Routing.  Equal to the unpooled
+    layer's sum up to float rounding (the sum runs over the chosen patches in rank order instead
+    of over the map).
     """
-    l, which, weight2d = _check_conv2d(x, router, weight, bias, patch_size, top_l, combine, gate, activation, backend)
-    y, routing = _run(x, None, patch_size, router, weight2d, bias, l, combine, gate, activation, which,
-                      deterministic, pooled=True)
-    return (y, routing) if return_routing else y
+    return pmoe_conv2d(x, router, weight, bias, pooled=True, **options)
 
 
 def pmoe(
@@ -270,34 +247,25 @@ def pmoe(
     backend: str = "auto",
     deterministic: bool = False,
     return_routing: bool = False,
+    pooled: bool = False,
 ):
     """Patch-level routed MoE on a patch/token tensor (SPEC §1, the (B, n, d) form).
 
     x: (B, n, d); router: (k, d); weight: (k, m, d); bias: (k, m).
     Returns y: (B, n, k*m) for "concat", (B, n, m) for "sum", and optionally the Routing.
+    A token is run as a 1x1 patch of the (B, d, 1, n) map x.transpose(1, 2).unsqueeze(2): no
+    copy, just strides.  pooled: see pmoe_pooled.
     """
-    l, which = _check_tokens(x, router, weight, bias, top_l, combine, gate, activation, backend)
-    y, routing = _run(None, x, 1, router, weight, bias, l, combine, gate, activation, which, deterministic)
+    n = _check_tokens(x, router, weight, bias, combine, gate, activation, backend)
+    o = _options(1, top_l, n, combine, gate, activation, deterministic, pooled)
+    x_map = x.transpose(1, 2).unsqueeze(2)
+    y, routing = BACKENDS[_choose_backend(backend, x)](x_map, router, weight, bias, o)
     return (y, routing) if return_routing else y
 
 
-def pmoe_pooled(
-    x: torch.Tensor,
-    router: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    *,
-    top_l: Union[int, float],
-    combine: str = "concat",
-    gate: str = "softmax",
-    activation: str = "relu",
-    backend: str = "auto",
-    deterministic: bool = False,
-    return_routing: bool = False,
-):
+def pmoe_pooled(x: torch.Tensor, router: torch.Tensor, weight: torch.Tensor,
+                bias: Optional[torch.Tensor] = None, **options):
     """pmoe summed over the n tokens: ``pmoe(x, ...).sum(1)``, (B, out), without the (B, n, out)
-    output.  x: (B, n, d); returns (B, k*m) for "concat", (B, m) for "sum" [, Routing]."""
-    l, which = _check_tokens(x, router, weight, bias, top_l, combine, gate, activation, backend)
-    y, routing = _run(None, x, 1, router, weight, bias, l, combine, gate, activation, which, deterministic,
-                      pooled=True)
-    return (y, routing) if return_routing else y
+    output (it is pmoe(..., pooled=True)).  x: (B, n, d); returns (B, k*m) for "concat", (B, m)
+    for "sum" [, Routing]."""
+    return pmoe(x, router, weight, bias, pooled=True, **options)

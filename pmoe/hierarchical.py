@@ -137,9 +137,8 @@ def _level2(x, gidx, g1, t, router, weight, bias, l2, opts, pooled):
     l1 = gidx.shape[2]
     rows = (gidx[:, t] + torch.arange(B, device=x.device).view(B, 1) * G).reshape(B * l1)
     xt = x.reshape(B * G, S, d).index_select(0, rows)  # (B*l1, S, d): the groups t took
-    fn = PF.pmoe_pooled if pooled else PF.pmoe
-    yt, routing = fn(xt, router[t], weight[t], None if bias is None else bias[t], top_l=l2, return_routing=True,
-                     gate="softmax", **opts)
+    yt, routing = PF.pmoe(xt, router[t], weight[t], None if bias is None else bias[t], top_l=l2,
+                          return_routing=True, gate="softmax", pooled=pooled, **opts)
     gate = g1[:, t].reshape(B * l1, *([1] * (yt.dim() - 1))).to(yt.dtype)
     yt = yt * gate
     if pooled:

@@ -14,7 +14,7 @@ ROUTER_INIT_STD = 1e-3  # the paper starts routers tiny, so early routing is nea
 
 
 class _PMoEBase(nn.Module):
-    """Parameters and init shared by both forms.  weight_shape_tail is (C, p, p) or (d,)."""
+    """Parameters and init shared by both forms.  weight_tail is (C, p, p) or (d,)."""
 
     def __init__(self, d: int, weight_tail: tuple, out_features: int, num_experts: int,
                  top_l: Union[int, float], combine: str, gate: str, bias: bool, activation: str,
@@ -109,8 +109,8 @@ class PMoEConv2d(_PMoEBase):
         [, Routing].  For heads that sum- or average-pool the layer's output over all positions
         (the paper's classifier); see pmoe.functional.pmoe_conv2d_pooled.  A plain method, so the
         module's forward hooks do not run for it."""
-        return PF.pmoe_conv2d_pooled(x, self.router, self.weight, self.bias, patch_size=self.patch_size,
-                                     return_routing=return_routing, **self._opts())
+        return PF.pmoe_conv2d(x, self.router, self.weight, self.bias, patch_size=self.patch_size,
+                              return_routing=return_routing, pooled=True, **self._opts())
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, patch_size={self.patch_size}, "
@@ -142,7 +142,8 @@ class PMoE(_PMoEBase):
     def forward_pooled(self, x: torch.Tensor, return_routing: bool = False):
         """``self(x).sum(1)`` without the (B, n, out) output: x (B, n, in) -> (B, out_features)
         [, Routing]; see pmoe.functional.pmoe_pooled.  Forward hooks do not run for it."""
-        return PF.pmoe_pooled(x, self.router, self.weight, self.bias, return_routing=return_routing, **self._opts())
+        return PF.pmoe(x, self.router, self.weight, self.bias, return_routing=return_routing, pooled=True,
+                       **self._opts())
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, num_experts={self.num_experts}, "

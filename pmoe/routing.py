@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 import torch
 
-GATES = ("softmax", "indicator", "softmax_all")
+from .vocab import check
 
 
 def check_top_l(top_l: Union[int, float]) -> Union[int, float]:
@@ -72,21 +72,33 @@ def _order_keys(scores: torch.Tensor) -> torch.Tensor:
     return (bits.long() << 32) | (n - 1 - torch.arange(n, device=scores.device))
 
 
-def gates_from_scores(scores: torch.Tensor, selected_scores: torch.Tensor, gate: str) -> torch.Tensor:
-    """Gate values of the selected patches.
-
-    scores: (B, k, n) all routing scores; selected_scores: (B, k, l) the chosen ones.
-    softmax: normalised over the l chosen; indicator: ones; softmax_all: normalised over all n,
-    then the chosen ones kept without renormalising.
-    """
+def gate_values(selected_scores: torch.Tensor, gate: str, lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gates of the chosen patches from their scores (B, k, l) (SPEC §1): softmax over the l
+    chosen; indicator: ones; softmax_all: exp(score - lse) with lse (B, k) the log-sum-exp of all
+    n scores, i.e. normalised over all n and not renormalised.  The torch side's one gate formula."""
     if gate == "softmax":
         return torch.softmax(selected_scores, dim=-1)
     if gate == "indicator":
         return torch.ones_like(selected_scores)
+    check("gate", gate)
+    return torch.exp(selected_scores - lse.unsqueeze(-1))
+
+
+def gate_values_backward(dg: torch.Tensor, g: torch.Tensor, gate: str):
+    """gate_values' backward: dg, g (B, k, l) -> (d selected_scores (B, k, l) or None, d lse
+    (B, k) or None)."""
+    if gate == "softmax":
+        return g * (dg - (g * dg).sum(-1, keepdim=True)), None
     if gate == "softmax_all":
-        # log-sum-exp over all n keeps this exact for large scores
-        return torch.exp(selected_scores - torch.logsumexp(scores, dim=-1, keepdim=True))
-    raise ValueError(f"unknown gate {gate!r}; expected one of {GATES}")
+        gdg = g * dg
+        return gdg, -gdg.sum(-1)
+    return None, None
+
+
+def gates_from_scores(scores: torch.Tensor, selected_scores: torch.Tensor, gate: str) -> torch.Tensor:
+    """gate_values given all the scores (B, k, n): the log-sum-exp, where needed, taken here."""
+    lse = torch.logsumexp(scores, dim=-1) if gate == "softmax_all" else None
+    return gate_values(selected_scores, gate, lse)
 
 
 @dataclass

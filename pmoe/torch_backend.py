@@ -29,15 +29,17 @@ _backward_ranges).  Off, nothing is hooked and each range is the shared no-op.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import profiling
-from .activations import get_activation
+from .activations import activation_backward, get_activation
 from .profiling import nvtx_range
-from .routing import Routing, select_top_l
+from .routing import Routing, gate_values, gate_values_backward, select_top_l
+from .vocab import Options
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -162,10 +164,10 @@ def _onednn(t: torch.Tensor, m: int, d: int) -> bool:
     """Whether the expert GEMMs on t, (d -> m) each, run one expert at a time as 1x1 convolutions
     (oneDNN) rather than all at once as one bmm.  On CPU oneDNN keeps AVX-512 kernels on every
     x86 vendor, where MKL's sgemm may not; for small GEMMs its setup per call, and the per-expert
-    ops around it, cost more than it saves (measured here: m = 20 and m = 64 with d = 128 run
-    faster as one bmm, m >= 128 with d >= 640 about 1.3-2x faster as convolutions).  Decided by
-    device, dtype and the parameter shapes only, never by the batch, so that an exported graph
-    holds for every batch size."""
+    ops around it, cost more than it saves (small experts, such as m = 20 or 64 with d = 128, run
+    faster as one bmm; large ones, m >= 128 with d >= 640, as convolutions).  Decided by device,
+    dtype and the parameter shapes only, never by the batch, so that an exported graph holds for
+    every batch size."""
     return (_MKLDNN and t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
             and m >= _ONEDNN_MIN_M and d * m >= _ONEDNN_MIN_WEIGHT)
 
@@ -206,37 +208,6 @@ def expert_gemm_backward(dpre: torch.Tensor, xg: Optional[torch.Tensor], w: torc
 
 
 # ---------------------------------------------------------------- gates, activations, combine
-
-
-def _gates(sel: torch.Tensor, lse: Optional[torch.Tensor], gate: str) -> torch.Tensor:
-    """Gates of the chosen patches from their scores sel (B, k, l) (SPEC §1; as
-    routing.gates_from_scores, with the log-sum-exp of all n scores given for softmax_all)."""
-    if gate == "softmax":
-        return torch.softmax(sel, dim=-1)
-    if gate == "indicator":
-        return torch.ones_like(sel)
-    return torch.exp(sel - lse.unsqueeze(-1))
-
-
-def _gates_backward(dg: torch.Tensor, g: torch.Tensor, gate: str):
-    """dg, g (B, kb, l) -> (d sel (B, kb, l) or None, d lse (B, kb) or None)."""
-    if gate == "softmax":
-        return g * (dg - (g * dg).sum(-1, keepdim=True)), None
-    if gate == "softmax_all":
-        gdg = g * dg
-        return gdg, -gdg.sum(-1)
-    return None, None
-
-
-def _act_backward(activation: str, grad: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """d act(pre) / d pre applied to grad, by the same kernels autograd uses."""
-    if activation == "relu":
-        return torch.ops.aten.threshold_backward(grad, pre, 0)
-    if activation == "gelu":
-        return torch.ops.aten.gelu_backward(grad, pre)
-    if activation == "silu":
-        return torch.ops.aten.silu_backward(grad, pre)
-    return grad
 
 
 def _add_rows(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, deterministic: bool) -> None:
@@ -328,24 +299,20 @@ def _compute_dtype(xr: torch.Tensor) -> torch.dtype:
     return autocast_dtype(xr.device.type) or xr.dtype
 
 
-class _Opts(NamedTuple):
-    """The static options of one call.  cp: (C, p) when the patch rows hold each patch's features
-    in (p, p, C) order (patches_from_map_hwc) while router and weight are in unfold order, which
-    the routed experts then permute themselves (and their gradients back), so that no permuted
-    copy of a parameter is kept for backward; None when all are in one order."""
+@dataclass(frozen=True)
+class _Call(Options):
+    """The Options plus what one call's shapes add: n patches per image, and cp, (C, p) when the
+    patch rows hold each patch's features in (p, p, C) order (patches_from_map_hwc) while router
+    and weight are in unfold order, which the routed experts then permute themselves (and their
+    gradients back), so that no permuted copy of a parameter is kept for backward; None when all
+    are in one order."""
 
-    n: int
-    l: int
-    combine: str
-    gate: str
-    activation: str
-    pooled: bool
-    deterministic: bool
-    cp: Optional[tuple[int, int]]
+    n: int = 0
+    cp: Optional[tuple[int, int]] = None
 
 
 def _ordered(t: torch.Tensor, cp: Optional[tuple[int, int]]) -> torch.Tensor:
-    """A parameter in the patch rows' feature order (see _Opts.cp)."""
+    """A parameter in the patch rows' feature order (see _Call.cp)."""
     return t if cp is None else features_hwc(t, *cp)
 
 
@@ -371,7 +338,7 @@ class _RoutedExperts(torch.autograd.Function):
     xr (B*n, d) patch rows; router (k, d); weight (k, m, d); bias (k, m) or None; sel (B, k, l)
     the chosen scores (values only: their gradient reaches xr and router here, as <w_s, x_j>);
     lse (B, k) the log-sum-exp of all scores for "softmax_all" (its gradient goes back through
-    autograd), else None; idx (B, k, l) the chosen patch numbers; opts the _Opts.
+    autograd), else None; idx (B, k, l) the chosen patch numbers; opts the _Call.
     Saved for backward: xr, the parameters, gates, row numbers, lse and the pre-activations
     (B*k*l*m values); the gathered rows (B*k*l*d) are gathered again.
     """
@@ -394,12 +361,12 @@ class _RoutedExperts(torch.autograd.Function):
         return dx, dr, dw, db, None, dlse, None, None
 
 
-def _experts_forward(xr, weight, bias, sel, lse, idx, o: _Opts):
+def _experts_forward(xr, weight, bias, sel, lse, idx, o: _Call):
     """_RoutedExperts' forward: -> (output, gates (B, k, l), rows (k, B*l), pre-activations: one
     (kb, B*l, m) tensor per block of experts)."""
     B, k, l = idx.shape
     N, R, m = xr.shape[0], B * l, weight.shape[1]
-    g = _gates(sel, lse, o.gate)
+    g = gate_values(sel, o.gate, lse)
     rows = _patch_rows(idx, o.n)
     cdt = _compute_dtype(xr)
     w = _ordered(weight, o.cp).to(cdt)
@@ -419,7 +386,7 @@ def _experts_forward(xr, weight, bias, sel, lse, idx, o: _Opts):
     return _finish(y, B, k, m, o), g, rows, pres
 
 
-def _experts_backward(dy, xr, router, weight, bias, g, rows, pres, o: _Opts, needs):
+def _experts_backward(dy, xr, router, weight, bias, g, rows, pres, o: _Call, needs):
     """_RoutedExperts' backward, block by block: -> (d xr, d router, d weight, d bias, d lse),
     None where not needed."""
     need_x, need_r, need_w, need_b = needs
@@ -442,7 +409,7 @@ def _experts_backward(dy, xr, router, weight, bias, g, rows, pres, o: _Opts, nee
             torch.cat(dlse, 1) if o.gate == "softmax_all" else None)
 
 
-def _block_backward(dy, xr, router, w, pre, g, rows, s0, k, o: _Opts, dx, need_r, need_w, need_b):
+def _block_backward(dy, xr, router, w, pre, g, rows, s0, k, o: _Call, dx, need_r, need_w, need_b):
     """One block of experts s0.. (router, w, pre, g, rows their slices): adds its share to dx (in
     place, when dx is given) -> (d router, d weight, d bias, d lse), None where not needed.  The
     gathered rows are gathered again; the router's share of d xr (d sel times w_s, at the chosen
@@ -476,19 +443,19 @@ def _gated_act_backward(dh, pre, g, gate, activation):
     dsel = dlse = None
     if gate != "indicator":
         dg = (dh * get_activation(activation)(pre)).sum(-1).view(kb, B, l).transpose(0, 1)
-        dsel, dlse = _gates_backward(dg.to(g.dtype), g, gate)
-    dpre = _act_backward(activation, dh * g.transpose(0, 1).reshape(kb, R, 1).to(dh.dtype), pre)
+        dsel, dlse = gate_values_backward(dg.to(g.dtype), g, gate)
+    dpre = activation_backward(activation, dh * g.transpose(0, 1).reshape(kb, R, 1).to(dh.dtype), pre)
     return dpre, dsel, dlse
 
 
-def _composite(xr, router, weight, bias, lse, rows, o: _Opts):
+def _composite(xr, router, weight, bias, lse, rows, o: _Call):
     """_RoutedExperts' forward in differentiable ops, selection given by rows (k, B*l): what
     double backward differentiates.  -> the layer's output."""
     k, R = rows.shape
     xg = gather_rows(xr, rows, per_expert=o.deterministic)  # (k, R, d)
     router, weight = _ordered(router, o.cp), _ordered(weight, o.cp)
     sel = (xg * router.to(xg.dtype).unsqueeze(1)).sum(-1).view(k, R // o.l, o.l).transpose(0, 1)
-    g = _gates(sel, lse, o.gate)
+    g = gate_values(sel, o.gate, lse)
     cdt = _compute_dtype(xr)
     pre = torch.bmm(xg.to(cdt), weight.to(cdt).transpose(1, 2))
     if bias is not None:
@@ -526,70 +493,31 @@ def _route(xp: torch.Tensor, router: torch.Tensor, l: int, gate: str):
     return scores, idx, sel, lse
 
 
-def _routed(xp, router, weight, bias, l, combine, gate, activation, cp, deterministic, pooled):
-    """The torch path on (B, n, d) patches: -> (the layer's output, Routing)."""
-    if combine not in ("concat", "sum"):
-        raise ValueError(f"unknown combine {combine!r}")
-    B, n, d = xp.shape
-    xr = xp.reshape(B * n, d)  # one copy, if any, for both the scores and the gather
-    scores, idx, sel, lse = _route(xr.view(B, n, d), _ordered(router, cp), l, gate)
-    opts = _Opts(n, l, combine, gate, activation, pooled, deterministic, cp)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xr, router, weight, bias, lse)):
-        y, g = _RoutedExperts.apply(xr, router, weight, bias, sel, lse, idx, opts)
-    else:  # inference: no autograd node, nothing kept
-        y, g, _, _ = _experts_forward(xr, weight, bias, sel, lse, idx, opts)
-    if profiling.is_enabled() and lse is not None and lse.requires_grad:
-        _backward_ranges([scores], [xp, router], "pmoe.backward.scores")
-        _backward_ranges([lse], [scores], "pmoe.backward.select")
-    return y, Routing(idx, g, n)
-
-
-def pmoe_patches_torch(
-    xp: torch.Tensor,
-    router: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    l: int,
-    combine: str,
-    gate: str,
-    activation: str,
-    cp: Optional[tuple[int, int]] = None,
-    deterministic: bool = False,
-) -> tuple[torch.Tensor, Routing]:
-    """pMoE on a patch tensor.
+def pmoe_patches_torch(xp: torch.Tensor, router: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       o: Options, cp: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, Routing]:
+    """pMoE on a patch tensor (o.p is not read: the patches are given).
 
     xp: (B, n, d); router: (k, d); weight: (k, m, d); bias: (k, m) or None.  cp = (C, p): xp's
     features are in (p, p, C) order (patches_from_map_hwc) and router and weight in unfold order
     (C, p, p); None: all in one order.
-    Returns y: (B, n, k*m) for "concat" or (B, n, m) for "sum", and the Routing.
+    Returns y: (B, n, k*m) for "concat" or (B, n, m) for "sum", and the Routing.  With o.pooled,
+    y summed over the n patches, (B, k*m) or (B, m), without the (B, n, out) map: unselected
+    (patch, expert) pairs contribute exactly 0, so that is a sum of the gated expert rows over
+    the l ranks, a reduction (no atomics, bit-stable on every device).
     Under autocast the scores, selection and gates are computed in the parameters' precision
     (see routing_scores) and the experts in the autocast dtype, which is y's dtype.
-    `deterministic`: bit-identical results run to run on every device (on CPU they always are;
+    o.deterministic: bit-identical results run to run on every device (on CPU they always are;
     on CUDA the row additions then avoid atomics).
     """
-    B, n, _ = xp.shape
-    y, routing = _routed(xp, router, weight, bias, l, combine, gate, activation, cp, deterministic, pooled=False)
-    return y.view(B, n, y.shape[-1]), routing
-
-
-def pmoe_patches_pooled_torch(
-    xp: torch.Tensor,
-    router: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    l: int,
-    combine: str,
-    gate: str,
-    activation: str,
-    cp: Optional[tuple[int, int]] = None,
-    deterministic: bool = False,
-) -> tuple[torch.Tensor, Routing]:
-    """pmoe_patches_torch's output summed over the n patches, without the (B, n, out) map.
-
-    Unselected (patch, expert) pairs contribute exactly 0, so the sum over patches is the sum of
-    the gated expert rows over the l ranks (and over the k experts for "sum").
-    Returns (B, k*m) for "concat" or (B, m) for "sum", and the Routing.  The pooling is a
-    reduction (no atomics, bit-stable on every device); `deterministic` covers the backward's
-    row additions as in pmoe_patches_torch.
-    """
-    return _routed(xp, router, weight, bias, l, combine, gate, activation, cp, deterministic, pooled=True)
+    B, n, d = xp.shape
+    xr = xp.reshape(B * n, d)  # one copy, if any, for both the scores and the gather
+    scores, idx, sel, lse = _route(xr.view(B, n, d), _ordered(router, cp), o.l, o.gate)
+    call = _Call(**asdict(o), n=n, cp=cp)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xr, router, weight, bias, lse)):
+        y, g = _RoutedExperts.apply(xr, router, weight, bias, sel, lse, idx, call)
+    else:  # inference: no autograd node, nothing kept
+        y, g, _, _ = _experts_forward(xr, weight, bias, sel, lse, idx, call)
+    if profiling.is_enabled() and lse is not None and lse.requires_grad:
+        _backward_ranges([scores], [xp, router], "pmoe.backward.scores")
+        _backward_ranges([lse], [scores], "pmoe.backward.select")
+    return y, Routing(idx, g, n)

@@ -11,15 +11,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import pmoe
 from pmoe.hierarchical import hierarchical_pmoe, hierarchical_pmoe_pooled
+from helpers import grads, rel_err
 from pmoe.reference import reference_hierarchical
 
 F64 = torch.float64
 TOL = 1e-9
 PARAMS = ("group_router", "router", "weight", "bias")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
 def _layer(d, out, k1, l1, k2, l2, combine="concat", bias=True, activation="relu", dtype=F64, backend="torch"):
@@ -29,11 +26,6 @@ def _layer(d, out, k1, l1, k2, l2, combine="concat", bias=True, activation="relu
     torch.nn.init.normal_(layer.group_router)
     torch.nn.init.normal_(layer.router)
     return layer
-
-
-def _grads(y, inputs, seed=1):
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=F64).to(y.dtype)
-    return torch.autograd.grad((y * g).sum(), inputs, allow_unused=True)
 
 
 def _inputs(layer, x):
@@ -65,7 +57,7 @@ def test_matches_reference(case, combine, bias):
     assert rel_err(y, y_ref) < TOL
     names = ["x"] + [n for n in PARAMS if getattr(layer, n) is not None]
     inputs = _inputs(layer, x)
-    for name, a, b in zip(names, _grads(y, inputs), _grads(y_ref, inputs)):
+    for name, a, b in zip(names, grads(y, inputs, draw=F64), grads(y_ref, inputs, draw=F64)):
         assert a is not None and rel_err(a, b) < TOL, name
 
 
@@ -80,7 +72,7 @@ def test_pooled_equals_the_summed_map_and_reference(activation):
     assert pooled.shape == (B, 8)
     assert rel_err(pooled, y_ref) < TOL
     inputs = _inputs(layer, x)
-    for a, b in zip(_grads(pooled, inputs), _grads(y_ref, inputs)):
+    for a, b in zip(grads(pooled, inputs, draw=F64), grads(y_ref, inputs, draw=F64)):
         assert rel_err(a, b) < TOL
 
 
@@ -138,7 +130,7 @@ def test_triton_backend_matches_reference():
     args = [t.detach().double().requires_grad_() for t in _inputs(layer, x)]
     y_ref = reference_hierarchical(*args, l1, l2)[0].sum((1, 2))
     assert rel_err(y.double(), y_ref) < 1e-5
-    for a, b in zip(_grads(y, _inputs(layer, x)), _grads(y_ref, args)):
+    for a, b in zip(grads(y, _inputs(layer, x), draw=F64), grads(y_ref, args, draw=F64)):
         assert rel_err(a.double(), b) < 1e-4
 
 

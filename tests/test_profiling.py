@@ -1,4 +1,4 @@
-"""pmoe.profiling's ranges around the layer's phases (issue 8): with profiling on, a
+"""pmoe.profiling's ranges around the layer's phases: with profiling on, a
 torch.profiler trace taken on CPU names every phase of the forward and the backward, for the
 torch path and the fused kernels (Triton's interpreter); with it off, nvtx_range is the shared
 no-op and nothing is recorded or hooked."""

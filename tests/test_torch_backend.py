@@ -1,7 +1,7 @@
-"""The PyTorch path's own machinery (issue 18): both expert-GEMM routes (oneDNN 1x1 convolutions
+"""The PyTorch path's own machinery: both expert-GEMM routes (oneDNN 1x1 convolutions
 and bmm) against the float64 reference, the hand-written backward against autograd of the
-reference, double backward, the inference path, torch.export with a dynamic batch from B = 1
-(issue 15), and memory kept for backward below the dense conv's for every benchmark layer.
+reference, double backward, the inference path, torch.export with a dynamic batch from B = 1,
+and memory kept for backward below the dense conv's for every benchmark layer.
 """
 from __future__ import annotations
 
@@ -15,13 +15,10 @@ import torch
 import pmoe
 from pmoe import torch_backend as TB
 from pmoe.reference import reference_conv2d
+from helpers import rel_err
 
 F64 = torch.float64
 TOL = 1e-9
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
 @pytest.fixture(params=["onednn", "bmm"])
@@ -167,7 +164,7 @@ def test_inference_keeps_no_graph():
 
 @pytest.mark.parametrize("C,m,pooled", [(3, 2, False), (64, 128, False), (64, 128, True)])
 def test_export_with_a_dynamic_batch_from_one(C, m, pooled):
-    """torch.export with the batch dynamic from B = 1 (issue 15): nothing in the torch path
+    """torch.export with the batch dynamic from B = 1: nothing in the torch path
     branches on the batch size (both expert-GEMM routes: bmm, and oneDNN for d*m large enough),
     and the exported program computes the layer at every B."""
     from torch.export import Dim, export

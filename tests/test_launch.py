@@ -1,4 +1,5 @@
-"""GPU-only hazards of the Triton kernels, checked without a GPU (interpreter on CPU tensors):
+"""kernels/launch.py, the launchers: GPU-only hazards of the Triton kernels, checked without a GPU
+(interpreter on CPU tensors):
 
 - top-l rows longer than routing.SELECT_MAX_N (the on-chip sort's shared-memory/register cap) take
   a torch fallback that must pick exactly what the kernel picks (the cap is lowered here);
@@ -11,7 +12,6 @@
 - the registry specialises launches as the launcher does (ints == 1 constexpr, multiples of 16).
 """
 import contextlib
-import math
 import os
 import subprocess
 import sys
@@ -31,18 +31,10 @@ from pmoe.kernels import routing as kroute  # noqa: E402
 from pmoe.kernels.utils import key_patch_torch, key_score_torch, selection_keys, selection_keys_torch  # noqa: E402
 from pmoe.reference import reference_conv2d  # noqa: E402
 from pmoe.routing import select_top_l  # noqa: E402
+from helpers import params  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAN_NEG = torch.tensor([0xFFC00001], dtype=torch.int64).to(torch.int32).view(torch.float32).item()  # -NaN payload
-
-
-def _params(C, p, k, m, bias, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    d = C * p * p
-    router = torch.randn(k, d, generator=g).requires_grad_()
-    weight = (torch.randn(k, m, d, generator=g) / math.sqrt(d)).requires_grad_()
-    b = (torch.randn(k, m, generator=g) * 0.1).requires_grad_() if bias else None
-    return router, weight, b
 
 
 def _rows_with_ties():
@@ -127,8 +119,7 @@ def test_select_fallback_matches_select_kernel(gate, data):
 
 
 def _run_layer(x, router, weight, bias, p, l, combine, gate, det, pooled=False):
-    fn = kop.pooled_fwd if pooled else kop.fused_fwd
-    y, idx, gates, _, _, _, lse = fn(x, router, weight, bias, p, l, combine, gate, "gelu", det)
+    y, idx, gates, _, _, _, lse = kop.fused_fwd(x, router, weight, bias, p, l, combine, gate, "gelu", det, pooled)
     params = [t for t in (x, router, weight, bias) if t is not None]
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad((y * g).sum(), params, allow_unused=True)
@@ -145,7 +136,7 @@ def test_layer_with_torch_selection_matches_kernel_selection(monkeypatch, combin
     x = torch.randint(-2, 3, (2, 3, 10, 10)).float()  # integer data: exact score ties (p=2: n=25)
     x[0, :, 4:6, 4:6] = float("nan") if gate == "indicator" else 0.0  # a NaN patch ranks first
     x.requires_grad_()
-    router, weight, bias = _params(3, 2, 3, 4, bias=True)
+    router, weight, bias = params(3, 2, 3, 4, bias=True, flat=True)
     router = router.detach().round().requires_grad_()
     args = (x, router, weight, bias, 2, 17, combine, gate, True, pooled)  # l, n > GATE_BWD_BLOCK: 2 chunks
     ref = _run_layer(*args)
@@ -192,7 +183,7 @@ def test_every_call_of_a_shape_launches_the_same_code(monkeypatch, combine, pool
     """Same kernels, grids and constexprs on every call (deterministic runs need exactly that);
     deterministic=True changes only the sum combine's expert loop (no atomics)."""
     x = torch.randn(2, 3, 4, 6, requires_grad=True)
-    router, weight, bias = _params(3, 2, 3, 4, bias=True)
+    router, weight, bias = params(3, 2, 3, 4, bias=True, flat=True)
     args = (x, router, weight, bias, 2, 3, combine, "softmax_all", True)
     first, second = _record(monkeypatch, *args, pooled=pooled), _record(monkeypatch, *args, pooled=pooled)
     assert [(id(k), g, kw) for k, g, kw in first] == [(id(k), g, kw) for k, g, kw in second]
@@ -206,7 +197,7 @@ def test_ticket_counters_are_zero_after_every_launch():
     """The cached sync buffer starts every launch at zero: the last program of each ticketed
     launch resets it (a stale count would let an expert tile start before its routing)."""
     x = torch.randn(5, 3, 4, 6, requires_grad=True)  # NCHW: the backward's copy programs take tickets too
-    router, weight, bias = _params(3, 2, 3, 4, bias=True)
+    router, weight, bias = params(3, 2, 3, 4, bias=True, flat=True)
     for combine, gate in (("concat", "softmax"), ("sum", "softmax_all")):
         _run_layer(x, router, weight, bias, 2, 3, combine, gate, False)
         for buf in launch._SYNC.values():
@@ -228,10 +219,11 @@ def test_every_op_runs_under_the_device_guard(monkeypatch):
     orig = launch.device_guard
     monkeypatch.setattr(launch, "device_guard", lambda t: seen.append(t) or orig(t))
     x = torch.randn(1, 2, 4, 4, requires_grad=True)
-    router, weight, _ = _params(2, 2, 2, 3, bias=False)
+    router, weight, _ = params(2, 2, 2, 3, bias=False, flat=True)
     _run_layer(x, router, weight, None, 2, 2, "concat", "softmax", False)
     _run_layer(x, router, weight, None, 2, 2, "sum", "softmax", False, pooled=True)
-    assert len(seen) == 4 and all(t is x for t in seen)  # fwd, bwd, pooled fwd, bwd
+    assert len(seen) == 4 and seen[0] is x and seen[2] is x  # fwd, bwd, pooled fwd, bwd
+    assert all(t.device == x.device for t in seen)  # the backward's: dy, on x's device
 
 
 # ------------------------------------------------------------------ 4. dense router backward, any k
@@ -242,7 +234,7 @@ def test_softmax_all_router_backward_many_experts():
     kernel's two expert blocks (64 + 6) and the dX combine's dense term; against the float64
     reference."""
     x = torch.randn(1, 2, 4, 4, requires_grad=True)  # n = 4, d = 8
-    router, weight, _ = _params(2, 2, 70, 1, bias=False)
+    router, weight, _ = params(2, 2, 70, 1, bias=False, flat=True)
     y, idx, gates, _, grads = _run_layer(x, router, weight, None, 2, 2, "concat", "softmax_all", False)
     d64 = [t.detach().double().requires_grad_() for t in (x, router, weight.view(70, 1, 2, 2, 2))]
     y_ref, idx_ref, g_ref = reference_conv2d(*d64, None, 2, 2, "concat", "softmax_all", "gelu")

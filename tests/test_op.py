@@ -1,4 +1,4 @@
-"""Integration of the fused kernels: custom ops under torch.compile (no graph break), the FLOP
+"""kernels/op.py, the custom ops: under torch.compile (no graph break), the FLOP
 formula seen by FlopCounterMode, and the ops' fake (meta) implementations."""
 import pytest
 import torch
@@ -59,10 +59,10 @@ def test_fake_impls_match_real_shapes():
 
     x = torch.randn(2, 3, 4, 6)
     router, weight, bias = torch.randn(2, 12), torch.randn(2, 5, 12), torch.randn(2, 5)
-    real = kop.fused_fwd(x, router, weight, bias, 2, 3, "sum", "softmax_all", "gelu", False)
+    real = kop.fused_fwd(x, router, weight, bias, 2, 3, "sum", "softmax_all", "gelu", False, False)
     with FakeTensorMode() as mode:
         fx, fr, fw, fb = (mode.from_tensor(t) for t in (x, router, weight, bias))
-        fake = kop.fused_fwd(fx, fr, fw, fb, 2, 3, "sum", "softmax_all", "gelu", False)
+        fake = kop.fused_fwd(fx, fr, fw, fb, 2, 3, "sum", "softmax_all", "gelu", False, False)
     for r, f in zip(real, fake):
         assert r.shape == f.shape and r.dtype == f.dtype
     dy = torch.randn_like(real[0])

@@ -5,7 +5,7 @@ _select_kernel, then an experts-only launch).
 Both score with the same d-loop (routing.score_tile, the same BLOCK_D), the same keys, sort and
 gate formulas, so the chosen patches, the gates, the outputs and every gradient must be the same
 bits, with exact ties, NaN and infinite scores included; and both must match the float64
-reference (tests/test_kernels.py runs the default rule, this file both).
+reference (tests/test_forward_backward.py runs the default rule, this file both).
 """
 import math
 
@@ -44,8 +44,7 @@ def _run(route, monkeypatch, x, router, weight, bias, p, l, combine, gate, det, 
     monkeypatch.setattr(launch, "run", lambda kernel, grid, *a, **kw: launched.append(kw.get("MODE"))
                         or real_run(kernel, grid, *a, **kw))
     leaves = [t.clone().requires_grad_() for t in (x, router, weight, bias)]
-    fn = kop.pooled_fwd if pooled else kop.fused_fwd
-    y, idx, gates, _, inv, scores, lse = fn(*leaves, p, l, combine, gate, "gelu", det)
+    y, idx, gates, _, inv, scores, lse = kop.fused_fwd(*leaves, p, l, combine, gate, "gelu", det, pooled)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad((y * dy).nan_to_num().sum(), leaves, allow_unused=True)
     return (y, idx, gates, inv, scores, lse if gate == "softmax_all" else None, grads), launched

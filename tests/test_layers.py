@@ -1,4 +1,4 @@
-"""The torch backend against the naive reference (SPEC §1, §5), in float64.
+"""pmoe/layers.py with the torch backend against the naive reference (SPEC §1, §5), in float64.
 
 Tolerance: relative error (max |a - b| / max |b|) < 1e-9 for outputs and every gradient.
 """
@@ -9,14 +9,11 @@ import pytest
 import torch
 
 import pmoe
+from helpers import grads, rel_err
 from pmoe.reference import reference_conv2d, reference_patches
 
 F64 = torch.float64
 TOL = 1e-9
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
 def _layer(C, out, p, k, l, combine, gate, bias, activation="relu"):
@@ -25,11 +22,6 @@ def _layer(C, out, p, k, l, combine, gate, bias, activation="relu"):
     # well-separated scores, so the choice is not decided by rounding
     torch.nn.init.normal_(layer.router)
     return layer
-
-
-def _grads(y, params, seed=1):
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
-    return torch.autograd.grad((y * g).sum(), params, allow_unused=True)
 
 
 CASES = [
@@ -60,7 +52,7 @@ def test_torch_matches_reference(case, combine, gate, bias):
     assert rel_err(y, y_ref) < TOL
 
     params = [x, layer.router, layer.weight] + ([layer.bias] if bias else [])
-    got, want = _grads(y, params), _grads(y_ref, params)
+    got, want = grads(y, params, draw=F64), grads(y_ref, params, draw=F64)
     names = ["x", "router", "weight", "bias"]
     for name, a, b in zip(names, got, want):
         if gate == "indicator" and name == "router":
@@ -77,7 +69,7 @@ def test_activations_match_reference(activation):
     y_ref, _, _ = reference_conv2d(x, layer.router, layer.weight, layer.bias, 2, 3, "concat", "softmax", activation)
     assert rel_err(y, y_ref) < TOL
     params = [x, layer.router, layer.weight, layer.bias]
-    for a, b in zip(_grads(y, params), _grads(y_ref, params)):
+    for a, b in zip(grads(y, params, draw=F64), grads(y_ref, params, draw=F64)):
         assert rel_err(a, b) < TOL
 
 
@@ -93,7 +85,7 @@ def test_token_form_matches_reference(combine):
     assert torch.equal(routing.indices, idx_ref)
     assert rel_err(y, y_ref) < TOL
     params = [x, layer.router, layer.weight, layer.bias]
-    for a, b in zip(_grads(y, params), _grads(y_ref, params)):
+    for a, b in zip(grads(y, params, draw=F64), grads(y_ref, params, draw=F64)):
         assert rel_err(a, b) < TOL
 
 
@@ -250,5 +242,5 @@ def test_hwc_feature_order_at_every_batch_matches_reference(monkeypatch, B):
     assert torch.equal(routing.indices, idx_ref)
     assert rel_err(y, y_ref) < TOL
     params = [x, layer.router, layer.weight, layer.bias]
-    for got, ref in zip(_grads(y, params), _grads(y_ref, params)):
+    for got, ref in zip(grads(y, params, draw=F64), grads(y_ref, params, draw=F64)):
         assert rel_err(got, ref) < TOL

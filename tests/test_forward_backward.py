@@ -1,4 +1,5 @@
-"""The fused Triton kernels (pmoe.kernels) in Triton's interpreter, against the float64 reference.
+"""kernels/forward.py and kernels/backward.py, through the layer in Triton's interpreter, against the
+float64 reference: outputs and every gradient.
 
 Tolerances: fp32 kernels vs the float64 reference: relative error (max |a-b| / max |b|) < 1e-4
 for outputs and every gradient; bf16 < 3e-2 and fp16 < 5e-3 against the torch path run in the
@@ -7,7 +8,6 @@ routers are N(0, 1) so fp32 vs fp64 rounding cannot flip a choice, and exact tie
 with integer-valued data.
 """
 import itertools
-import math
 
 import pytest
 import torch
@@ -17,33 +17,15 @@ triton = pytest.importorskip("triton")
 import pmoe  # noqa: E402
 from pmoe.reference import reference_conv2d, reference_patches  # noqa: E402
 from pmoe.routing import select_top_l  # noqa: E402
+from helpers import grads as _grads, params as _params, rel_err  # noqa: E402
 
 F64 = torch.float64
 TOL = 1e-4
 
 
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-def _params(C, p, k, m, bias, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    d = C * p * p
-    router = torch.randn(k, d, generator=g).to(dtype).requires_grad_()
-    weight = (torch.randn(k, m, C, p, p, generator=g) / math.sqrt(d)).to(dtype).requires_grad_()
-    b = (torch.randn(k, m, generator=g) * 0.1).to(dtype).requires_grad_() if bias else None
-    return router, weight, b
-
-
 def _conv(x, router, weight, bias, p, l, combine, gate, activation="relu", backend="triton", det=False):
     return pmoe.pmoe_conv2d(x, router, weight, bias, patch_size=p, top_l=l, combine=combine, gate=gate,
                             activation=activation, backend=backend, deterministic=det, return_routing=True)
-
-
-def _grads(y, params, seed=1):
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
-    return torch.autograd.grad((y * g).sum(), params, allow_unused=True)
 
 
 def _check_against_reference(x, router, weight, bias, p, l, combine, gate, activation="relu", det=False):
