@@ -23,16 +23,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 import time
 from typing import Callable, Iterable, Optional
 
-# bench/ holds profile.py, which would shadow the stdlib `profile` (cProfile imports it, and
-# torch._dynamo imports cProfile): keep bench/ importable, but after the standard library.
-_BENCH = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH] + [_BENCH]
 from omp_wait import passive_omp_wait  # noqa: E402
 
 passive_omp_wait()  # before torch starts its OpenMP runtime (see bench/omp_wait.py)

@@ -7,10 +7,9 @@ from __future__ import annotations
 import os
 import sys
 
-# bench/ holds profile.py, which would shadow the stdlib `profile` (cProfile imports it, and
-# torch._dynamo imports cProfile): keep bench/ importable, but after the standard library.
 _BENCH = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH] + [_BENCH]
+if _BENCH not in sys.path:
+    sys.path.insert(0, _BENCH)
 
 from omp_wait import passive_omp_wait  # noqa: E402  (before torch starts its OpenMP runtime)
 

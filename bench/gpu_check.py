@@ -51,10 +51,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-# bench/ holds profile.py, which would shadow the stdlib `profile` (cProfile imports it, and
-# torch._dynamo imports cProfile): keep bench/ importable, but after the standard library.
 _BENCH = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH] + [_BENCH]
 
 from omp_wait import passive_omp_wait  # noqa: E402  (before torch starts its OpenMP runtime)
 

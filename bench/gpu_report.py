@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 
-# issue 14's GPU targets, checked from the timing rows (bf16, NCHW)
+# the GPU targets (README, Performance), checked from the timing rows (bf16, NCHW)
 TARGET_PCT_FLOOR = {"forward": 70.0, "forward+backward": 50.0}
 TARGET_SPEEDUP_VS_TORCH = 3.0
 TARGET_LARGE_VS_DENSE = 0.6
@@ -131,7 +131,7 @@ def markdown(doc: dict) -> str:
         md_table(doc.get("timing", []), TIMING_COLS), "",
         "## Ratios (time / time; < 1: the first is faster)", "",
         md_table(doc.get("ratios", []), RATIO_COLS), "",
-        "## Targets (issue 14; bf16, NCHW)", "",
+        "## Targets (bf16, NCHW)", "",
         md_table(doc.get("targets", []), TARGET_COLS), "",
         "## Routing: one-launch forward vs split route (scores, select, experts), forward", "",
         md_table(doc.get("route_timing", []), ROUTE_COLS), "",

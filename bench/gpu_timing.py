@@ -295,7 +295,7 @@ def time_layer(shape: LayerShape, batch: int, kind: str, dtype: torch.dtype, ctx
                layout: str = "nchw") -> list:
     """One implementation (baselines.KINDS) of one shape, forward and forward+backward: both
     clocks, counted FLOPs, floor and % of it per clock, peak memory; for the fused layer also
-    its configs, the model's prediction and the dense conv's floor (issue 14's large-shape target)."""
+    its configs, the model's prediction and the dense conv's floor (the large-shape target)."""
     device = ctx.device
     torch.manual_seed(0)
     layer = make_layer(shape, kind, device, dtype)

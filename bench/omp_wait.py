@@ -3,9 +3,8 @@
 On a CPU shared with other work (load average above the core count), OpenMP's default wait
 (spin, then sleep) makes a multi-threaded run pay about one scheduler time slice per parallel
 region: a worker that spun its fair share away waits in the run queue while the region's other
-thread waits for it at the barrier.  Measured on this project's 2-core VM under a load of 3:
-8.0 ms per region at 2 threads, against 0.08 ms with PASSIVE (threads sleep at once, and a woken
-sleeper runs at once).  That cost is per op, so it swamps a path of many ops (the pMoE torch
+thread waits for it at the barrier: milliseconds per region where PASSIVE costs microseconds
+(threads sleep at once, and a woken sleeper runs at once).  That cost is per op, so it swamps a path of many ops (the pMoE torch
 path, the masking baseline) far more than one big convolution, and the 2-thread timings would
 measure the scheduler.  PASSIVE costs a 1-thread run nothing.  The setting must be in the
 environment before torch starts its OpenMP runtime: call passive_omp_wait() before importing

@@ -2,12 +2,12 @@
 
 Each shape is one pMoE layer (concat combine, softmax gate, ReLU, no bias) and its dense twin,
 an nn.Conv2d(in_channels, out_channels, kernel=stride=patch_size) with the same total neurons.
-`cpu_batch` is the batch of issue 18's CPU targets (the paper's batch, 20, for the MNIST layers);
+`cpu_batch` is the batch of the CPU targets (the paper's batch, 20, for the MNIST layers);
 `gpu_batch` is a real training size.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,6 @@ class LayerShape:
     def describe(self) -> str:
         return (f"C={self.in_channels} {self.height}x{self.width} p={self.patch_size} n={self.num_patches} "
                 f"d={self.patch_dim} k={self.num_experts} l={self.top_l} out={self.out_channels}")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 # The paper's MNIST layer: 112x112 images as a 4x4 grid of 28x28 tiles (n = 16, d = 784).

@@ -19,7 +19,7 @@ import pmoe
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 if BENCH not in sys.path:
-    sys.path.append(BENCH)  # after the stdlib: bench/profile.py must not shadow `profile`
+    sys.path.append(BENCH)
 
 import compute_savings  # noqa: E402
 import ratios  # noqa: E402
@@ -70,7 +70,7 @@ def test_saved_bytes_counts_each_storage_once():
 
 def test_profile_writes_torch_trace(tmp_path):
     trace = tmp_path / "trace.json"
-    _run_script([os.path.join(BENCH, "profile.py"), "--steps", "2", "--warmup", "1", "--batch", "4",
+    _run_script([os.path.join(BENCH, "profile_layer.py"), "--steps", "2", "--warmup", "1", "--batch", "4",
                  "--torch-profiler", str(trace), "--device", "cpu"])
     doc = json.loads(trace.read_text())
     names = {e.get("name") for e in doc["traceEvents"]}

@@ -1,5 +1,5 @@
 """The flagship pMoE network and its dense single-expert twin, for the compute and training-time
-benchmarks (bench/compute_savings.py, bench/train_time.py, bench/profile.py).
+benchmarks (bench/compute_savings.py, bench/train_time.py, bench/profile_layer.py).
 
     net = FlagshipPMoE(in_channels=1, num_classes=2)     # 32x32 digits-patch images
     twin = FlagshipDense(in_channels=1, num_classes=2)   # same widths, one expert, every patch

@@ -1,8 +1,8 @@
 """A steady-state training loop of the flagship pMoE network, for profilers.
 
-    nsys profile -t cuda,nvtx --capture-range=cudaProfilerApi python bench/profile.py
-    python bench/profile.py --torch-profiler trace.json     # Chrome trace (chrome://tracing, Perfetto); CPU too
-    python bench/profile.py --dense                          # the dense twin, for comparison
+    nsys profile -t cuda,nvtx --capture-range=cudaProfilerApi python bench/profile_layer.py
+    python bench/profile_layer.py --torch-profiler trace.json     # Chrome trace (chrome://tracing, Perfetto); CPU too
+    python bench/profile_layer.py --dense                          # the dense twin, for comparison
 
 Warm-up steps first (kernel compilation, autotuning, allocator), then --steps profiled steps.
 On CUDA, cudaProfilerStart/Stop bracket the profiled steps (so nsys with
@@ -13,17 +13,12 @@ Note: this file shadows the stdlib `profile` module only for scripts run from be
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-# bench/ holds profile.py, which would shadow the stdlib `profile` (cProfile imports it, and
-# torch._dynamo imports cProfile): keep bench/ importable, but after the standard library.
-_BENCH = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH] + [_BENCH]
 from machine import machine_line  # noqa: E402
 
 from pmoe import profiling  # noqa: E402
