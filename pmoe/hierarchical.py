@@ -180,6 +180,7 @@ def hierarchical_pmoe(
     backend: str = "auto",
     deterministic: bool = False,
     return_routing: bool = False,
+    pooled: bool = False,
 ):
     """Hierarchical pMoE on a (B, G, S, d) tensor (SPEC §6).
 
@@ -188,34 +189,20 @@ def hierarchical_pmoe(
     fraction.  Returns y (B, G, S, k1*k2*m) for "concat" (block t*k2 + s is sub-expert (t, s);
     exactly 0 where it took nothing), (B, G, S, m) for "sum", and with return_routing the
     HierarchicalRouting.  Gates are softmax over the chosen scores at both levels.
+    pooled: see hierarchical_pmoe_pooled.
     """
     l1, l2 = _check(x, group_router, router, weight, bias, top_groups, top_l, combine, activation, backend)
     y, routing = _run(x, group_router, router, weight, bias, l1, l2, combine, activation, backend, deterministic,
-                      pooled=False)
+                      pooled)
     return (y, routing) if return_routing else y
 
 
-def hierarchical_pmoe_pooled(
-    x: torch.Tensor,
-    group_router: torch.Tensor,
-    router: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    *,
-    top_groups: Union[int, float],
-    top_l: Union[int, float],
-    combine: str = "concat",
-    activation: str = "relu",
-    backend: str = "auto",
-    deterministic: bool = False,
-    return_routing: bool = False,
-):
+def hierarchical_pmoe_pooled(x: torch.Tensor, group_router: torch.Tensor, router: torch.Tensor, weight: torch.Tensor,
+                             bias: Optional[torch.Tensor] = None, **options):
     """``hierarchical_pmoe(x, ...).sum((1, 2))``, (B, k1*k2*m | m), without the (B, G, S, out)
-    map: level 2 runs `pmoe_pooled`.  Same arguments and checks as hierarchical_pmoe."""
-    l1, l2 = _check(x, group_router, router, weight, bias, top_groups, top_l, combine, activation, backend)
-    y, routing = _run(x, group_router, router, weight, bias, l1, l2, combine, activation, backend, deterministic,
-                      pooled=True)
-    return (y, routing) if return_routing else y
+    map: level 2 runs pooled.  Same arguments and checks as hierarchical_pmoe (it is
+    hierarchical_pmoe(..., pooled=True))."""
+    return hierarchical_pmoe(x, group_router, router, weight, bias, pooled=True, **options)
 
 
 def _positive_int(name: str, v) -> int:

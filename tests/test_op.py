@@ -81,3 +81,19 @@ def test_pmoe_import_does_not_import_triton_kernels():
 
     code = "import sys, pmoe; assert 'pmoe.kernels' not in sys.modules and 'triton' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_options_are_the_ops_arguments_in_order():
+    """pmoe.vocab.Options is unpacked into the forward op (Options.op_args): its fields are the
+    op's arguments after the four tensors, in the same order, and the backward op's start so."""
+    import dataclasses
+
+    from pmoe.vocab import Options
+
+    fields = [f.name for f in dataclasses.fields(Options)]
+    fwd = [a.name for a in torch.ops.pmoe.fused_fwd.default._schema.arguments]
+    bwd = [a.name for a in torch.ops.pmoe.fused_bwd.default._schema.arguments]
+    assert fwd == ["x", "router", "weight", "bias", *fields]
+    assert bwd[10:] == fields[:5]  # dy, x, router, weight, bias, idx, gates, inv, scores, lse, then the options
+    o = Options(2, 3, "sum", "softmax_all", "gelu", True, False)
+    assert o.op_args() == tuple(getattr(o, f) for f in fields)
