@@ -98,7 +98,7 @@ def _choose_backend(backend: str, x: torch.Tensor) -> str:
     return "triton" if x.shape[0] else "torch"
 
 
-def _check_shapes(d: int, router: torch.Tensor, weight2d_shape: tuple, bias: Optional[torch.Tensor], combine: str) -> tuple[int, int]:
+def _check_shapes(d: int, router: torch.Tensor, weight2d_shape: tuple, bias: Optional[torch.Tensor]) -> tuple[int, int]:
     if router.dim() != 2 or router.shape[1] != d:
         raise ValueError(f"router must have shape (num_experts, {d}), got {tuple(router.shape)}")
     k = router.shape[0]
@@ -161,7 +161,7 @@ def _check_conv2d(x, router, weight, bias, patch_size, combine, gate, activation
     if H == 0 or W == 0:
         raise ValueError(f"input has an empty spatial size {H}x{W}")
     n, d = (H // p) * (W // p), C * p * p
-    k, m = _check_shapes(d, router, weight.shape[:2], bias, combine)
+    k, m = _check_shapes(d, router, weight.shape[:2], bias)
     return n, weight.reshape(k, m, d)
 
 
@@ -178,7 +178,7 @@ def _check_tokens(x, router, weight, bias, combine, gate, activation, backend) -
         raise ValueError(f"input has {d} features but the layer expects {weight.shape[2]}")
     if n == 0:
         raise ValueError("input has no patches (n = 0)")
-    _check_shapes(d, router, weight.shape[:2], bias, combine)
+    _check_shapes(d, router, weight.shape[:2], bias)
     return n
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from torch import nn

@@ -13,8 +13,6 @@
 """
 import contextlib
 import os
-import subprocess
-import sys
 import types
 from pathlib import Path
 
