@@ -7,8 +7,9 @@ bench/compile_report.py compiles exactly these.  The table is where a GPU sessio
 (bench/gpu_check.py prints the config it ran beside each time).
 
 Sizes are chosen from the traffic model and the compile report, not guessed:
-- expert tiles of BLOCK_R = 128 rows (whole images: GROUP = 128 // l of them) read each expert's
-  weights B*l/128 times; 64-row tiles would double that;
+- expert tiles of BLOCK_R rows (whole images: GROUP = BLOCK_R // l of them; 64 on sm_90 in
+  16-bit, 32 elsewhere: the largest that compiles without spills) read each expert's weights
+  B*l/BLOCK_R times;
 - BLOCK_N (+ BLOCK_N2) covers all of an expert's m <= 256 outputs (160 = 128 + 32), so each
   gathered row is read once per expert;
 - the route program holds an image's (N_POW2, BLOCK_K) scores: up to ROUTE_MAX_LANES of them.
