@@ -68,11 +68,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
-
-# bench/ holds profile.py, which would shadow the stdlib `profile` (cProfile imports it, and
-# torch._dynamo imports cProfile): keep bench/ importable, but after the standard library.
 _BENCH = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH] + [_BENCH]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -33,7 +33,7 @@ SECTOR_BYTES = 32
 #   16bit  bf16/fp16 tensor cores: ~790 TFLOP/s achievable on H100/H200 (GPU.md; 80% of the
 #          989.5 TFLOP/s dense spec sheet figure, same GH100 compute on both)
 #   tf32   half the 16-bit rate (494.7 TFLOP/s dense spec), at the same 80%: 395
-#   tf32x3 fp32 inputs as 3 tf32 products (op.dot_precision's default for fp32): 395 / 3
+#   tf32x3 fp32 inputs as 3 tf32 products (launch.dot_precision's default for fp32): 395 / 3
 #   ieee   exact fp32 FMA on CUDA cores: 80% of 66.9 TFLOP/s
 #   fp8 / int8: twice the 16-bit rate; bf16x3 / bf16x6 (newer Triton): 3 / 6 16-bit products
 DOT_RATES = {
@@ -83,7 +83,7 @@ SOURCES = [
     "for 10-40 MB data sets (h200.txt); H100 PCIe 6.9 TB/s (h100_pcie.txt, 114 SMs, <= 1.755 GHz), "
     "scaled to the SXM's 132 SMs at 1.98 GHz: 9.0 TB/s",
     "Tensor cores: ~790 TFLOP/s bf16/fp16 achievable (GPU.md; 80% of the 989.5 TFLOP/s dense spec); "
-    "tf32 half of it; fp32 as tf32x3 = 3 tf32 products (op.dot_precision); exact fp32 FMA 80% of 66.9",
+    "tf32 half of it; fp32 as tf32x3 = 3 tf32 products (launch.dot_precision); exact fp32 FMA 80% of 66.9",
     "Launch overhead 2 us per launch (assumption: ~1 us back-to-back launch overhead per NVIDIA's "
     "'Getting Started with CUDA Graphs' post, doubled for the ramp-up/drain of a dependent grid)",
     "SMs: 132 on both (H100 SXM5, H200 SXM)",
@@ -167,7 +167,7 @@ def dense_flops(shape, batch: int, pass_name: str) -> int:
 
 
 def dtype_dot_class(dtype_name: str) -> str:
-    """The dot class the kernels use for a layer dtype (fp32: tf32x3, op.dot_precision's default)."""
+    """The dot class the kernels use for a layer dtype (fp32: tf32x3, launch.dot_precision's default)."""
     return "16bit" if dtype_name in ("bf16", "fp16") else "tf32x3"
 
 

@@ -18,7 +18,7 @@ import triton.language as tl  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 if BENCH not in sys.path:
-    sys.path.append(BENCH)  # after the stdlib: bench/profile.py must not shadow `profile`
+    sys.path.append(BENCH)
 
 import traffic  # noqa: E402
 import traffic_model as tm  # noqa: E402
