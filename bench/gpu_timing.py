@@ -209,7 +209,8 @@ def _compact(cfg) -> str:
     return " ".join(p for p in parts if p)
 
 
-def config_of(shape: LayerShape, batch: int, dtype: torch.dtype, device: torch.device, pass_name: str) -> dict:
+def config_of(shape: LayerShape, batch: int, dtype: torch.dtype, device: torch.device, pass_name: str,
+              layout: str = "nchw") -> dict:
     """The launch configs this shape runs (kernels/configs.py), as {"route", "fwd", "bwd"} strings
     and the raw dicts; the route is what pmoe.kernels.launch.ROUTE takes now ("auto": the
     launcher's rule)."""
@@ -223,7 +224,8 @@ def config_of(shape: LayerShape, batch: int, dtype: torch.dtype, device: torch.d
     out = {"route": "fused" if launch.use_fused_route(problem) else "split", "fwd": _compact(fwd),
            "raw": {"fwd": dataclasses.asdict(fwd)}}
     if pass_name != "forward":
-        bwd = configs.backward_config(batch, n, d, k, l, m, elt, sm, sms)
+        channels_inner = layout == "channels_last" and shape.in_channels > 1  # launch.gather_source's rule
+        bwd = configs.backward_config(batch, n, d, k, l, m, elt, sm, sms, channels_inner=channels_inner)
         out["bwd"] = _compact(bwd)
         out["raw"]["bwd"] = dataclasses.asdict(bwd)
     return out
@@ -327,7 +329,7 @@ def _fused_columns(shape, batch, dtype, ctx: Context, layout: str, pass_name: st
     elt = torch.empty(0, dtype=dtype).element_size()
     dense_s = floor_seconds(tm.dense_floor_bytes(shape, batch, elt, pass_name), tm.dense_flops(shape, batch, pass_name),
                             dtype, ctx.bytes_per_s)
-    cfg = config_of(shape, batch, dtype, ctx.device, pass_name)
+    cfg = config_of(shape, batch, dtype, ctx.device, pass_name, layout)
     return {"config": config_text(cfg), "config_raw": cfg["raw"], "dense_floor_ms": 1e3 * dense_s,
             **model_columns(ctx.model, shape, batch, dtype, layout, pass_name, ctx.device_name, ctx.bytes_per_s,
                             ctx.sms)}

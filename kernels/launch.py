@@ -295,7 +295,9 @@ def backward(dy: Tensor, x: Tensor, router: Tensor, weight: Tensor, bias: Option
 
     dev, f32 = x.device, torch.float32
     B, n, k, m, l, d = P.B, P.n, P.k, P.m, P.l, P.d
-    cfg = configs.backward_config(B, n, d, k, l, m, x.element_size(), capability(x), multiprocessors(x))
+    source = gather_source(x)
+    cfg = configs.backward_config(B, n, d, k, l, m, x.element_size(), capability(x), multiprocessors(x),
+                                  channels_inner=source == SRC_MAP)
     fc = cfg.fwd
     if dy.stride(-1) != 1:  # the kernels need unit-stride channels; (B, n) strides stay as they are
         dy = dy.contiguous()
@@ -303,7 +305,6 @@ def backward(dy: Tensor, x: Tensor, router: Tensor, weight: Tensor, bias: Option
     has_ds = gate != "indicator"
     dense = gate == "softmax_all"
     fuse_ds = gate == "softmax" and fc.l_chunk == l
-    source = gather_source(x)
     rows = torch.empty(B * n, d, device=dev, dtype=x.dtype) if source == SRC_ROWS else x
     dpre = torch.empty(k, B * l, m, device=dev, dtype=x.dtype)
     t = torch.empty(k, B * l, d, device=dev, dtype=x.dtype)

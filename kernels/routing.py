@@ -42,12 +42,21 @@ def score_tile(x_ptr, r_ptr, rows_ptr, row_off, row_out, j_ok, e, e_ok, d, p,
 
     row_off: patch_row_offsets of the patches in x.  WRITE_ROWS: also copy each patch, features
     in unfold order, to rows_ptr + row_out (d contiguous elements per patch): the d-loop reads x
-    once for both (forward.py, SRC_ROWS).  Every route runs this same loop: the same score bits.
+    once for both (forward.py, SRC_ROWS).  Without it x's channels are innermost (SRC_MAP), and
+    the loop steps through each patch in runs of channels, (py, px, c) order, so that a
+    BLOCK_D-wide step reads contiguous memory even when p > 1 (in unfold order it would read p*p
+    runs of BLOCK_D / p^2 channels).  Every route runs this same loop: the same score bits.
     """
+    pp = p * p
+    C = d // pp
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for d0 in range(0, d, BLOCK_D):
-        c = d0 + tl.arange(0, BLOCK_D)
-        c_ok = c < d
+        q = d0 + tl.arange(0, BLOCK_D)  # loop position
+        c_ok = q < d
+        if WRITE_ROWS:
+            c = q  # the rows are copied in unfold order
+        else:
+            c = (q % C) * pp + q // C  # the unfold index of position q in (py, px, c) order
         mask = j_ok[:, None] & c_ok[None, :]
         xt = tl.load(x_ptr + row_off[:, None] + patch_col_offsets(c, p, stride_xc, stride_xh, stride_xw)[None, :],
                      mask=mask, other=0.0)

@@ -89,6 +89,17 @@ def test_strided_inputs(layout):
     _check_against_reference(x, router, weight, b, 2, 4, "concat", "softmax_all")
 
 
+@pytest.mark.parametrize("gate", ["softmax", "softmax_all"])
+def test_channels_last_runs_of_channels(gate):
+    """Channels-last input with p > 1: the route's d-loop steps through patches in runs of
+    channels ((py, px, c) order) and the dX programs take 64 patches x 64 features a step.  C = 20
+    is not a multiple of the 16-feature step (steps straddle (py, px) boundaries) and n = 81
+    needs two dX steps."""
+    router, weight, b = _params(20, 2, 3, 4, True)
+    x = torch.randn(2, 20, 18, 18).contiguous(memory_format=torch.channels_last).requires_grad_()
+    _check_against_reference(x, router, weight, b, 2, 7, "concat", gate)
+
+
 def test_patch_taken_by_every_expert_and_by_none():
     C, p, k, m, l = 2, 2, 3, 2, 2
     router, weight, b = _params(C, p, k, m, True)
