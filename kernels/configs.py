@@ -1,10 +1,11 @@
 """Launch configurations: a small table for the shapes this project benchmarks, rules for the rest.
 
-No autotuning by default: a config is a pure function of the shape, the dtype and the GPU
-generation, so every run of a shape launches the same code (deterministic mode needs nothing
-more), the interpreter runs exactly what the GPU would (bench/traffic.py models that), and
+No autotuning: a config is a pure function of the shape, the dtype and the GPU generation, so
+every run of a shape launches the same code (deterministic mode needs nothing more), the
+interpreter runs exactly what the GPU would (bench/traffic.py models that), and
 bench/compile_report.py compiles exactly these.  The table is where a GPU session's tuning lands
-(bench/gpu_check.py prints the config it ran beside each time).
+(bench/gpu_check.py prints the config it ran beside each time); an autotuner over its neighbours,
+for runs that need not be deterministic, can come once a GPU can time them.
 
 Sizes are chosen from the traffic model and the compile report, not guessed:
 - expert tiles of BLOCK_R rows (whole images: GROUP = BLOCK_R // l of them; 64 on sm_90 in
