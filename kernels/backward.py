@@ -105,11 +105,8 @@ def dpre_tile(g, s, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, dy_ptr, d
     o1 = tl.arange(0, BLOCK_N)
     o2 = BLOCK_N + tl.arange(0, BLOCK_N2)
     for i0 in range(0, l, L_CHUNK):
-        b, i, slot, ok = tile_rows(g, i0, B, l, GROUP, L_CHUNK, BLOCK_R)
-        sel = (b * k + s) * l + i
-        j = tl.load(idx_ptr + sel, mask=ok, other=0)
-        gate = tl.load(gates_ptr + sel, mask=ok, other=0.0)
-        row_off = source_rows(b, j, n, d, Wp, p, stride_xb, stride_xh, stride_xw, SOURCE)
+        b, i, slot, ok, sel, j, gate, row_off = tile_rows(g, i0, s, idx_ptr, gates_ptr, B, n, k, l, d, Wp, p, GROUP,
+                                                          L_CHUNK, stride_xb, stride_xh, stride_xw, SOURCE, BLOCK_R)
         dy_row = b * stride_dyb + j * stride_dyn + col0
         dpre_row = ((s * B + b) * l + i) * m
         if ONE_PASS:  # keep dPre in registers for T below

@@ -44,15 +44,22 @@ from .utils import (activation, finish_ticket, patch_col_offsets, patch_row_offs
 
 
 @triton.jit
-def tile_rows(g, i0, B, l, GROUP, L_CHUNK, BLOCK_R: tl.constexpr):
-    """The tile's rows: image b (int64), rank i and validity of r in [0, BLOCK_R), and the row's
-    image slot in the group (for per-image reductions)."""
+def tile_rows(g, i0, s, idx_ptr, gates_ptr, B, n, k, l, d, Wp, p, GROUP, L_CHUNK, stride_xb, stride_xh, stride_xw,
+              SOURCE: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Expert s's rows r in [0, BLOCK_R) of a tile (image group g, ranks from i0): image b
+    (int64), rank i, the row's image slot in the group (for per-image reductions), validity, the
+    (b, s, i) choice index sel, the chosen patch j, its gate, and the row's offset in the gather
+    source (source_rows)."""
     r = tl.arange(0, BLOCK_R)
     slot = r // L_CHUNK
     b = (g * GROUP + slot).to(tl.int64)
     i = i0 + r % L_CHUNK
     ok = (slot < GROUP) & (b < B) & (i < l)
-    return b, i, slot, ok
+    sel = (b * k + s) * l + i
+    j = tl.load(idx_ptr + sel, mask=ok, other=0)
+    gate = tl.load(gates_ptr + sel, mask=ok, other=0.0)
+    row_off = source_rows(b, j, n, d, Wp, p, stride_xb, stride_xh, stride_xw, SOURCE)
+    return b, i, slot, ok, sel, j, gate, row_off
 
 
 @triton.jit
@@ -173,11 +180,9 @@ def expert_tile(g, tile, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, y_pt
         s_hi = tile + 1
     for s in range(s_lo, s_hi):
         for i0 in range(0, l, L_CHUNK):
-            b, i, slot, ok = tile_rows(g, i0, B, l, GROUP, L_CHUNK, BLOCK_R)
-            sel = (b * k + s) * l + i
-            j = tl.load(idx_ptr + sel, mask=ok, other=0)
-            gate = tl.load(gates_ptr + sel, mask=ok, other=0.0)
-            row_off = source_rows(b, j, n, d, Wp, p, stride_xb, stride_xh, stride_xw, SOURCE)
+            b, i, slot, ok, sel, j, gate, row_off = tile_rows(g, i0, s, idx_ptr, gates_ptr, B, n, k, l, d, Wp, p,
+                                                              GROUP, L_CHUNK, stride_xb, stride_xh, stride_xw,
+                                                              SOURCE, BLOCK_R)
             for n0 in range(0, m, cols):
                 acc1, acc2 = rows_gemm(src_ptr, row_off, ok, w_ptr, b_ptr, s, n0, m, d, p, stride_xc, stride_xh,
                                        stride_xw, stride_wk, stride_wm, stride_wd, stride_bk, stride_bm, SOURCE,
