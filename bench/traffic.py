@@ -47,7 +47,9 @@ Assumptions (also printed in the report):
   - sectors of one instruction are not shared across programs (no L1 reuse between programs,
     nor within a program across instructions: see prog-unique);
   - DRAM: a perfect L2 within a launch, cold between launches (the L2 is 50 MB; a launch whose
-    unique bytes exceed that would spill), partial-sector writes cost a whole sector;
+    unique bytes exceed that would spill), partial-sector writes cost a whole sector; a tensor
+    moves at most its own size each way (its size at the GPU batch, from a meta-device dry run
+    of the launchers: the forward's row ring is a fixed size however large B is);
   - only tensor-core work (tl.dot) is timed; CUDA-core arithmetic (the routing sort, softmax,
     activations) and latency are not; occupancy enters only through the grid-fill factor.
 Each kernel runs the config the GPU would run (kernels/configs.py: a fixed per-arch table, no
@@ -795,6 +797,55 @@ def summarize(launches: list, shape, gpu_batch: int, dtype: str, pass_name: str)
             "devices": per_dev}
 
 
+def storage_at(shape, gpu_batch: int, dtype: str, layout: str, pass_name: str) -> list:
+    """{argument name: storage bytes} of each Triton launch of the pass at the GPU batch, in launch
+    order, from a dry run of the launchers on meta tensors (kernels/registry.record): the sizes
+    the buffers really have there, e.g. the forward's row ring (configs.ring_images), which the
+    traced batches are too small to fill."""
+    from pmoe.kernels import registry
+
+    prob = registry.Problem(shape.name, gpu_batch, shape.in_channels, shape.height, shape.width, shape.patch_size,
+                            shape.num_experts, shape.expert_features, shape.top_l, combine=shape.combine,
+                            channels_last=layout == "channels_last")
+    forward, backward = registry.record(prob, DTYPES[dtype], sm=90)
+    out = []
+    for kernel, _grid, args, kwargs in forward + (backward if pass_name != "forward" else []):
+        fn = registry._jit_fn(kernel)
+        names = [name for name, is_constexpr in registry._params(fn) if not is_constexpr]
+        sizes = {name: value.untyped_storage().nbytes() for name, value in zip(names, args)
+                 if isinstance(value, torch.Tensor)}
+        out.append((getattr(fn, "__name__", None) or fn.fn.__name__, sizes))
+    return out
+
+
+def cap_dram(launches: list, sizes: list) -> None:
+    """A launch moves each sector of a tensor between DRAM and L2 at most once each way (the
+    perfect L2 of the model): cap every tensor's fitted DRAM reads and writes at its storage at
+    the GPU batch (storage_at).  Only buffers that do not grow with B (a ring) are ever capped."""
+    triton_launches = [l for l in launches if l.kind == "triton"]
+    if [l.name for l in triton_launches] != [name for name, _ in sizes]:
+        raise RuntimeError(f"traced launches {[l.name for l in triton_launches]} differ from the launchers' "
+                           f"{[name for name, _ in sizes]}")
+    for launch, (_, by_arg) in zip(triton_launches, sizes):
+        for j, info in enumerate(launch.tensors):
+            caps = [by_arg[a] for a in info.label.split("|") if a in by_arg]
+            if caps:
+                cap = math.ceil(max(caps) / SECTOR)
+                for stat in ("rd_dram", "wr_dram"):
+                    launch.stats[j, _S[stat]] = min(launch.stats[j, _S[stat]], cap)
+
+
+def whole_tiles_batch(shape, dtype: str) -> int:
+    """The least B whose B*l rows fill whole expert tiles of the forward's and the backward's
+    configs (sm_90), so that no partial tile is extrapolated."""
+    from pmoe.kernels import configs
+
+    elt = torch.empty(0, dtype=DTYPES[dtype]).element_size()
+    rows = configs.forward_config(shape.num_patches, shape.patch_dim, shape.num_experts, shape.top_l,
+                                  shape.expert_features, elt, 90, shape.combine == "sum").block_r
+    return rows // math.gcd(rows, shape.top_l)
+
+
 def run_config(shape, batch: int, gpu_batch: int, dtype: str, layout: str, pass_key: str, split: str = "tile",
                log=print) -> dict:
     pass_name = PASSES[pass_key]
@@ -803,6 +854,7 @@ def run_config(shape, batch: int, gpu_batch: int, dtype: str, layout: str, pass_
     for b in (batch, 2 * batch):  # the same `batch` images, once and twice
         runs[b] = trace_layer(shape, b, dtype, layout, pass_name, distinct=batch, split=split)
     launches = extrapolate(runs, gpu_batch)
+    cap_dram(launches, storage_at(shape, gpu_batch, dtype, layout, pass_name))
     summary = summarize(launches, shape, gpu_batch, dtype, pass_name)
     summary.update(layout=layout, split=split, interp_batches=sorted(runs), trace_s=time.time() - t0)
     log(f"# traced {shape.name} {layout} {pass_name} {dtype} at B={batch},{2 * batch} in {time.time() - t0:.1f} s")
@@ -949,7 +1001,9 @@ ASSUMPTIONS = [
     "masked-off lanes make no request; addresses outside every argument tensor show as <unmapped>",
     "DRAM: unique sectors per launch (perfect L2 within a launch, cold between launches); writes = every "
     "sector stored or atomically updated, once; reads = sectors loaded or atomically updated whose first touch "
-    "in the launch is not a write by an earlier program (written data is read back from L2)",
+    "in the launch is not a write by an earlier program (written data is read back from L2); each capped at the "
+    "tensor's size at the GPU batch (a meta-device dry run of the launchers), which only binds for buffers "
+    "that do not grow with B: the forward's row ring (kernels/configs.ring_images) of an NCHW map",
     "dot FLOPs = 2·M·N·K of every tl.dot tile (padding included); CUDA-core work (sort, softmax, "
     "activations) is not timed",
     "torch ops the layer runs (fills, casts, copies) stream: each input read and each output written once",
@@ -964,8 +1018,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--shape", default="all", help="wrn-pmoe | large | mnist-k2-l2 | mnist-k8-l6 | all (the first two)")
     ap.add_argument("--batch", type=int, default=None,
-                    help="interpreter batch B, traced at B and 2B (default: the least B with B*l a multiple "
-                         "of 64, so that row tiles are whole: 4 for wrn-pmoe, 2 for large)")
+                    help="interpreter batch B, traced at B and 2B (default: the least B with whole forward "
+                         "tiles, whole_tiles_batch: 8 for wrn-pmoe, 4 for large in 16-bit)")
     ap.add_argument("--gpu-batch", type=int, default=None,
                     help="batch the counts are evaluated at (default: the shape's gpu_batch)")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
@@ -999,7 +1053,7 @@ def main(argv=None) -> int:
     summaries = []
     for name in names:
         shape = shapes[name]
-        batch = args.batch or 64 // math.gcd(64, shape.top_l)
+        batch = args.batch or whole_tiles_batch(shape, args.dtype)
         gpu_batch = args.gpu_batch or shape.gpu_batch
         for layout in layouts:
             for p in passes:

@@ -106,7 +106,7 @@ def dpre_tile(g, s, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, dy_ptr, d
     o2 = BLOCK_N + tl.arange(0, BLOCK_N2)
     for i0 in range(0, l, L_CHUNK):
         b, i, slot, ok, sel, j, gate, row_off = tile_rows(g, i0, s, idx_ptr, gates_ptr, B, n, k, l, d, Wp, p, GROUP,
-                                                          L_CHUNK, stride_xb, stride_xh, stride_xw, SOURCE, BLOCK_R)
+                                                          L_CHUNK, B, stride_xb, stride_xh, stride_xw, SOURCE, BLOCK_R)
         dy_row = b * stride_dyb + j * stride_dyn + col0
         dpre_row = ((s * B + b) * l + i) * m
         if ONE_PASS:  # keep dPre in registers for T below
@@ -290,7 +290,7 @@ def dw_tile(pid, x_ptr, rows_ptr, idx_ptr, dpre_ptr, ds_ptr, dw_ptr, db_ptr, dr_
             b = (r // l).to(tl.int64)
             sel = (b * k + s) * l + r % l
             j = tl.load(idx_ptr + sel, mask=r_ok, other=0)
-            src = source_rows(b, j, n, d, Wp, p, stride_xb, stride_xh, stride_xw, SOURCE)
+            src = source_rows(b, j, n, d, Wp, p, B, stride_xb, stride_xh, stride_xw, SOURCE)
             col_off = source_cols(c, p, stride_xc, stride_xh, stride_xw, SOURCE)
             if SOURCE == SRC_ROWS:
                 xs = tl.load(rows_ptr + src[:, None] + col_off[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)

@@ -8,9 +8,10 @@ bench/compile_report.py compiles exactly these.  The table is where a GPU sessio
 for runs that need not be deterministic, can come once a GPU can time them.
 
 Sizes are chosen from the traffic model and the compile report, not guessed:
-- expert tiles of BLOCK_R rows (whole images: GROUP = BLOCK_R // l of them; 64 on sm_90 in
-  16-bit, 32 elsewhere: the largest that compiles without spills) read each expert's weights
-  B*l/BLOCK_R times;
+- expert tiles of BLOCK_R rows (whole images: GROUP = BLOCK_R // l of them) read each expert's
+  weights B*l/BLOCK_R times, which is most of an NCHW forward's L2 traffic: 128 rows in the
+  sm_90 16-bit forward, 64 in its backward (rows_bwd also keeps dPre and T live), 32 elsewhere,
+  the largest that compile without spills;
 - BLOCK_N (+ BLOCK_N2) covers all of an expert's m <= 256 outputs (160 = 128 + 32), so each
   gathered row is read once per expert;
 - the route program holds an image's (N_POW2, BLOCK_K) scores: up to ROUTE_MAX_LANES of them.
@@ -76,7 +77,8 @@ def column_blocks(m: int, max_cols: int = MAX_COLS) -> tuple[int, int, bool]:
 class Budget:
     """The largest tiles that compile without spills for one GPU generation and element size
     (bench/compile_report.py checks every launch of kernels/registry.py against this)."""
-    block_r: int       # expert tile rows
+    block_r: int       # the forward's expert tile rows
+    rows_block_r: int  # the backward's expert tile rows (rows_bwd keeps dPre and T live as well)
     max_cols: int      # expert tile columns per pass
     fwd_warps: int     # the forward kernel
     rows_warps: int    # the backward's expert tiles (rows_bwd)
@@ -92,16 +94,39 @@ class Budget:
 # forward's epilogue-heavy variants spill on both generations.  One CTA of 8 warps an SM is the
 # same 8 warps an SM as two of 4.
 MAXNREG = 255
+
+
+def max_registers(num_warps: int) -> int:
+    """Registers a thread may use so that one CTA of num_warps fits an SM's 64K registers."""
+    return min(MAXNREG, 65536 // (32 * num_warps))
 BUDGETS = {
-    (90, 2): Budget(64, 256, fwd_warps=8, rows_warps=8, dxdw_warps=8, block_dt=64, dw_lanes=32768, stages=3),
-    (90, 4): Budget(32, 64, fwd_warps=8, rows_warps=8, dxdw_warps=8, block_dt=16, dw_lanes=4096, stages=3),
-    (80, 2): Budget(32, 128, fwd_warps=8, rows_warps=8, dxdw_warps=8, block_dt=32, dw_lanes=8192, stages=2),
-    (80, 4): Budget(32, 64, fwd_warps=8, rows_warps=8, dxdw_warps=8, block_dt=16, dw_lanes=2048, stages=2),
+    (90, 2): Budget(128, 64, 256, fwd_warps=8, rows_warps=8, dxdw_warps=8, block_dt=64, dw_lanes=32768, stages=3),
+    (90, 4): Budget(32, 32, 64, fwd_warps=8, rows_warps=8, dxdw_warps=8, block_dt=16, dw_lanes=4096, stages=3),
+    (80, 2): Budget(32, 32, 128, fwd_warps=8, rows_warps=8, dxdw_warps=8, block_dt=32, dw_lanes=8192, stages=2),
+    (80, 4): Budget(32, 32, 64, fwd_warps=8, rows_warps=8, dxdw_warps=8, block_dt=16, dw_lanes=2048, stages=2),
 }
 
 
 def budget(elt_bytes: int, sm: int) -> Budget:
     return BUDGETS[(90 if sm >= 90 else 80, 2 if elt_bytes <= 2 else 4)]
+
+
+# The fused forward's K-contiguous row copy of an NCHW map (SRC_ROWS) is a ring of whole image
+# groups: group g's route programs wait until group g - ring's tiles are done with the slot.  It
+# spans the groups in flight (one CTA an SM: SMs / (GROUP + TILES) groups' programs) and one
+# more, so a route program finds its slot free as the oldest group finishes; a ring over half the
+# 50 MB L2 of an H100 / H200 would not stay on chip while x and y stream past, and the copy is then
+# the size of x (B images).  In L2 the copy costs L2 traffic, not DRAM traffic.
+RING_BYTES = 24 << 20
+
+
+def ring_images(B: int, group: int, tiles: int, image_bytes: int, sms: int = 132) -> int:
+    """Images the fused forward's row copy holds (see RING_BYTES): B, or whole groups."""
+    groups = triton.cdiv(B, group)
+    ring = max(2, triton.cdiv(sms, group + tiles) + 1)
+    if ring >= groups or ring * group * image_bytes > RING_BYTES:
+        return B
+    return ring * group
 
 
 def route_fits(n: int, k: int) -> bool:
@@ -116,17 +141,21 @@ def expert_rows(l: int, block_r: int) -> tuple[int, int]:
     return 1, block_r
 
 
-def forward_config(n: int, d: int, k: int, l: int, m: int, elt_bytes: int, sm: int = 90) -> ForwardConfig:
+def forward_config(n: int, d: int, k: int, l: int, m: int, elt_bytes: int, sm: int = 90,
+                   sum_combine: bool = False) -> ForwardConfig:
     """The forward's config for n patches of d features, k experts taking l each, m outputs each,
-    elements of elt_bytes (2: bf16/fp16, 4: fp32), on a GPU of compute capability sm (90 = H100)."""
+    elements of elt_bytes (2: bf16/fp16, 4: fp32), on a GPU of compute capability sm (90 = H100).
+    sum_combine: the sum combine's epilogues (fp32 atomics, or the deterministic expert loop's
+    read-modify-write) keep more live: at most the backward's rows (128 spill there)."""
     bud = budget(elt_bytes, sm)
     n_pow2 = max(16, _np2(n))
-    group, l_chunk = expert_rows(l, bud.block_r)
+    block_r = min(bud.block_r, bud.rows_block_r) if sum_combine else bud.block_r
+    group, l_chunk = expert_rows(l, block_r)
     block_n, block_n2, has_n2 = column_blocks(m, bud.max_cols)
     return ForwardConfig(n_pow2=n_pow2, block_k=max(16, _np2(k)),
                          block_d=max(16, min(64, 4096 // n_pow2)),  # (n_pow2, block_d): <= 32 a thread
                          block_m=max(16, min(64, 2048 // n_pow2)),
-                         block_r=bud.block_r, group=group, l_chunk=l_chunk, block_n=block_n, block_n2=block_n2,
+                         block_r=block_r, group=group, l_chunk=l_chunk, block_n=block_n, block_n2=block_n2,
                          has_n2=has_n2, block_dk=64 if elt_bytes == 2 else 32, num_warps=bud.fwd_warps,
                          num_stages=bud.stages)
 
@@ -156,7 +185,9 @@ def backward_config(B: int, n: int, d: int, k: int, l: int, m: int, elt_bytes: i
     of BLOCK_DX / p^2 channels: the dX programs then take 64 features (a 32-byte run at p = 2
     in 16-bit) of 64 patches a step instead of 16 of 256 (an NCHW map's runs go along patches)."""
     bud = budget(elt_bytes, sm)
-    fwd = dataclasses.replace(forward_config(n, d, k, l, m, elt_bytes, sm), num_warps=bud.rows_warps)
+    group, l_chunk = expert_rows(l, bud.rows_block_r)
+    fwd = dataclasses.replace(forward_config(n, d, k, l, m, elt_bytes, sm), num_warps=bud.rows_warps,
+                              block_r=bud.rows_block_r, group=group, l_chunk=l_chunk)
     n_block = min(_np2(n), 64 if channels_inner else 256)
     cols = fwd.block_n + (fwd.block_n2 if fwd.has_n2 else 0)
     # dPre is re-read once per d block: wide dW blocks, as far as the accumulator allows

@@ -6,18 +6,24 @@ counter each program takes first, so tickets follow the order programs actually 
   route program, one per image: routing.route_image.  Reads the image's patches once, keeps its
       (n, k) scores in registers, selects each expert's top-l and gates, writes idx / gates / inv
       and the concat zeros, and, for an NCHW map (SOURCE = SRC_ROWS), copies the image's patch
-      rows K-contiguous into `rows` (B*n, d) on the same pass.  Then it counts itself done on its
-      group's counter (release).
+      rows K-contiguous into `rows` on the same pass.  Then it counts itself done on its group's
+      counter (release).
   expert tile, one per (image group, expert): waits until the group's GROUP route programs are
       done (acquire), then runs that expert's GEMM over the group's GROUP*l chosen rows and all of
-      its m outputs (expert_tile), and writes them.
+      its m outputs (expert_tile), writes them, and (SRC_ROWS) counts itself done on the counter.
+
+`rows` holds `ring` images, image b in slot b % ring: all B, or, where the groups in flight are
+fewer than all (configs.ring_images), a ring of whole groups small enough to stay in L2, so the
+copy is L2 traffic and not a DRAM write of x's size.  Before it copies, a route program of group
+g >= ring / GROUP waits until group g - ring / GROUP's route programs and tiles are all done
+(GROUP + TILES on its counter): the slot's last readers.
 
 Tickets are laid out group by group: GROUP route tickets, then TILES expert tickets, so the tiles
 of a group start right after its routing, while its rows are still in L2 (for a channels-last
 map the tiles gather straight from x, whose rows the route programs just read).  A program waits
-only on smaller tickets, held by programs that already started and never wait themselves: no
-deadlock, whatever order the GPU starts programs in.  The interpreter runs programs in order, so
-there nothing ever spins.  MODE = FWD_ROUTE / FWD_EXPERTS run the two halves as separate
+only on smaller tickets, held by programs that already started: the smallest unfinished ticket
+never waits, so there is no deadlock, whatever order the GPU starts programs in.  The
+interpreter runs programs in order, so there nothing ever spins.  MODE = FWD_ROUTE / FWD_EXPERTS run the two halves as separate
 launches (grids B and groups*TILES), for the split route (launch.py) and for tests.
 
 Expert tiles (expert_tile).  Rows are (image, rank) pairs of GROUP whole images:
@@ -44,12 +50,12 @@ from .utils import (activation, finish_ticket, patch_col_offsets, patch_row_offs
 
 
 @triton.jit
-def tile_rows(g, i0, s, idx_ptr, gates_ptr, B, n, k, l, d, Wp, p, GROUP, L_CHUNK, stride_xb, stride_xh, stride_xw,
-              SOURCE: tl.constexpr, BLOCK_R: tl.constexpr):
+def tile_rows(g, i0, s, idx_ptr, gates_ptr, B, n, k, l, d, Wp, p, GROUP, L_CHUNK, ring, stride_xb, stride_xh,
+              stride_xw, SOURCE: tl.constexpr, BLOCK_R: tl.constexpr):
     """Expert s's rows r in [0, BLOCK_R) of a tile (image group g, ranks from i0): image b
     (int64), rank i, the row's image slot in the group (for per-image reductions), validity, the
     (b, s, i) choice index sel, the chosen patch j, its gate, and the row's offset in the gather
-    source (source_rows)."""
+    source (source_rows; ring: the images a rows copy holds)."""
     r = tl.arange(0, BLOCK_R)
     slot = r // L_CHUNK
     b = (g * GROUP + slot).to(tl.int64)
@@ -58,18 +64,19 @@ def tile_rows(g, i0, s, idx_ptr, gates_ptr, B, n, k, l, d, Wp, p, GROUP, L_CHUNK
     sel = (b * k + s) * l + i
     j = tl.load(idx_ptr + sel, mask=ok, other=0)
     gate = tl.load(gates_ptr + sel, mask=ok, other=0.0)
-    row_off = source_rows(b, j, n, d, Wp, p, stride_xb, stride_xh, stride_xw, SOURCE)
+    row_off = source_rows(b, j, n, d, Wp, p, ring, stride_xb, stride_xh, stride_xw, SOURCE)
     return b, i, slot, ok, sel, j, gate, row_off
 
 
 @triton.jit
-def source_rows(b, j, n, d, Wp, p, stride_xb, stride_xh, stride_xw, SOURCE: tl.constexpr):
+def source_rows(b, j, n, d, Wp, p, ring, stride_xb, stride_xh, stride_xw, SOURCE: tl.constexpr):
     """int64 offsets of rows (b, j) in the gather source: the map through its strides
-    (SRC_MAP), or the K-contiguous row copy (SRC_ROWS)."""
+    (SRC_MAP), or the K-contiguous row copy (SRC_ROWS), which holds `ring` images (image b in
+    slot b % ring: B, or the fused forward's ring)."""
     if SOURCE == SRC_MAP:
         return patch_row_offsets(b, j, Wp, p, stride_xb, stride_xh, stride_xw)
     elif SOURCE == SRC_ROWS:
-        return (b * n + j) * d
+        return ((b % ring) * n + j) * d
     else:
         tl.static_assert(False, "unknown source code")
 
@@ -159,7 +166,7 @@ def store_output(h, y_ptr, b, j, slot, ok, s, o, n, k, m, out_cols, GROUP,
 
 @triton.jit
 def expert_tile(g, tile, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, y_ptr,
-                B, n, k, l, m, d, out_cols, Wp, p, GROUP, L_CHUNK, TILES,
+                B, n, k, l, m, d, out_cols, Wp, p, GROUP, L_CHUNK, TILES, ring,
                 stride_xb, stride_xc, stride_xh, stride_xw, stride_wk, stride_wm, stride_wd, stride_bk, stride_bm,
                 SOURCE: tl.constexpr, COMBINE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
                 POOLED: tl.constexpr, EXPERT_LOOP: tl.constexpr, HAS_N2: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -181,7 +188,7 @@ def expert_tile(g, tile, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, y_pt
     for s in range(s_lo, s_hi):
         for i0 in range(0, l, L_CHUNK):
             b, i, slot, ok, sel, j, gate, row_off = tile_rows(g, i0, s, idx_ptr, gates_ptr, B, n, k, l, d, Wp, p,
-                                                              GROUP, L_CHUNK, stride_xb, stride_xh, stride_xw,
+                                                              GROUP, L_CHUNK, ring, stride_xb, stride_xh, stride_xw,
                                                               SOURCE, BLOCK_R)
             for n0 in range(0, m, cols):
                 acc1, acc2 = rows_gemm(src_ptr, row_off, ok, w_ptr, b_ptr, s, n0, m, d, p, stride_xc, stride_xh,
@@ -203,6 +210,7 @@ def _forward_kernel(x_ptr, rows_ptr, r_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, ga
                     lse_ptr, y_ptr,
                     sync_ptr,  # int32 (2 + groups,) ticket counters (utils.take_ticket), zero between launches
                     B, n, d, k, l, m, out_cols, Wp, p, GROUP, L_CHUNK, TILES,
+                    ring,                                        # images `rows` holds (B, or a ring of groups)
                     stride_xb, stride_xc, stride_xh, stride_xw,  # x: (B, C, H, W), any strides
                     stride_rk, stride_rd,                        # router: (k, d)
                     stride_wk, stride_wm, stride_wd,             # weight: (k, m, d)
@@ -213,7 +221,7 @@ def _forward_kernel(x_ptr, rows_ptr, r_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, ga
                     N_POW2: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     HAS_N2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr,
                     BLOCK_DK: tl.constexpr):
-    """The pMoE forward (module docstring).  rows: (B*n, d) in x's dtype (SRC_ROWS); idx/gates
+    """The pMoE forward (module docstring).  rows: (ring*n, d) in x's dtype (SRC_ROWS); idx/gates
     (B, k, l), gates_out the gates again in x's dtype (Routing.gates); inv (B, k, n) int32; scores (B, k, n) fp32 (STORE_SCORES); lse (B, k) fp32;
     y: (B, n, out_cols) in x's dtype (concat) or fp32 zeros (sum), or pooled (B, out_cols) fp32
     zeros.  Grid: FUSED groups*(GROUP + TILES); ROUTE B; EXPERTS groups*TILES."""
@@ -224,30 +232,35 @@ def _forward_kernel(x_ptr, rows_ptr, r_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, ga
         slot = ticket - g * period
         if slot < GROUP:
             b = g * GROUP + slot
+            if SOURCE == SRC_ROWS:
+                if g * GROUP >= ring:  # the ring slot's last group: all its tiles have read it
+                    wait_group(sync_ptr, g - ring // GROUP, GROUP + TILES)
             if b < B:
                 route_image(b, x_ptr, r_ptr, rows_ptr, idx_ptr, gates_ptr, gates_out_ptr, inv_ptr, scores_ptr,
-                            lse_ptr, y_ptr, n, d, k, l, m, out_cols, Wp, p, stride_xb, stride_xc, stride_xh,
+                            lse_ptr, y_ptr, n, d, k, l, m, out_cols, Wp, p, ring, stride_xb, stride_xc, stride_xh,
                             stride_xw, stride_rk, stride_rd, GATE, ZERO_FILL, STORE_SCORES, SOURCE == SRC_ROWS,
                             N_POW2, BLOCK_K, BLOCK_D, BLOCK_M, PREC)
             signal_group(sync_ptr, g)
         else:
             wait_group(sync_ptr, g, GROUP)
             expert_tile(g, slot - GROUP, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, y_ptr,
-                        B, n, k, l, m, d, out_cols, Wp, p, GROUP, L_CHUNK, TILES,
+                        B, n, k, l, m, d, out_cols, Wp, p, GROUP, L_CHUNK, TILES, ring,
                         stride_xb, stride_xc, stride_xh, stride_xw, stride_wk, stride_wm, stride_wd,
                         stride_bk, stride_bm, SOURCE, COMBINE, ACT, HAS_BIAS, POOLED, EXPERT_LOOP, HAS_N2,
                         BLOCK_R, BLOCK_N, BLOCK_N2, BLOCK_DK, PREC)
+            if SOURCE == SRC_ROWS:
+                signal_group(sync_ptr, g)  # done reading the group's rows: its ring slot may be rewritten
         finish_ticket(sync_ptr, tl.num_programs(0), tl.cdiv(B, GROUP))
     elif MODE == FWD_ROUTE:
         route_image(tl.program_id(0), x_ptr, r_ptr, rows_ptr, idx_ptr, gates_ptr, gates_out_ptr, inv_ptr,
-                    scores_ptr, lse_ptr, y_ptr, n, d, k, l, m, out_cols, Wp, p, stride_xb, stride_xc, stride_xh, stride_xw,
+                    scores_ptr, lse_ptr, y_ptr, n, d, k, l, m, out_cols, Wp, p, ring, stride_xb, stride_xc, stride_xh, stride_xw,
                     stride_rk, stride_rd, GATE, ZERO_FILL, STORE_SCORES, SOURCE == SRC_ROWS,
                     N_POW2, BLOCK_K, BLOCK_D, BLOCK_M, PREC)
     elif MODE == FWD_EXPERTS:
         pid = tl.program_id(0)
         g = pid // TILES
         expert_tile(g, pid - g * TILES, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, y_ptr,
-                    B, n, k, l, m, d, out_cols, Wp, p, GROUP, L_CHUNK, TILES,
+                    B, n, k, l, m, d, out_cols, Wp, p, GROUP, L_CHUNK, TILES, ring,
                     stride_xb, stride_xc, stride_xh, stride_xw, stride_wk, stride_wm, stride_wd,
                     stride_bk, stride_bm, SOURCE, COMBINE, ACT, HAS_BIAS, POOLED, EXPERT_LOOP, HAS_N2,
                     BLOCK_R, BLOCK_N, BLOCK_N2, BLOCK_DK, PREC)

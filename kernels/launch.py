@@ -40,7 +40,7 @@ FORCE_SM = None
 def run(kernel, grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs), or hand it to the RECORDER; every launch may use all 255
     registers (configs.MAXNREG)."""
-    kwargs.setdefault("maxnreg", configs.MAXNREG)
+    kwargs.setdefault("maxnreg", configs.max_registers(kwargs.get("num_warps", 4)))
     if RECORDER is not None:
         RECORDER(kernel, grid, args, kwargs)
         return
@@ -228,8 +228,9 @@ def forward(x: Tensor, router: Tensor, weight: Tensor, bias: Optional[Tensor], p
     P = Problem.of(x, p, weight, l)
     dev, f32 = x.device, torch.float32
     B, n, k, m, l, d = P.B, P.n, P.k, P.m, P.l, P.d
-    cfg = configs.forward_config(n, d, k, l, m, x.element_size(), capability(x))
     concat = combine == "concat"
+    expert_loop = deterministic and not concat  # the sum combine adds experts in order, no atomics
+    cfg = configs.forward_config(n, d, k, l, m, x.element_size(), capability(x), not concat)
     out_cols = k * m if concat else m
     zero_fill = concat and not pooled
     if pooled:
@@ -239,18 +240,19 @@ def forward(x: Tensor, router: Tensor, weight: Tensor, bias: Optional[Tensor], p
     else:
         y = torch.zeros(B, n, out_cols, device=dev, dtype=f32)  # experts add up
     source = gather_source(x)
-    rows = torch.empty(B * n, d, device=dev, dtype=x.dtype) if source == SRC_ROWS else x
+    fused = use_fused_route(P)
+    tiles = 1 if expert_loop else k
+    ring = configs.ring_images(B, cfg.group, tiles, n * d * x.element_size(), multiprocessors(x)) if fused else B
+    rows = torch.empty(ring * n, d, device=dev, dtype=x.dtype) if source == SRC_ROWS else x
     idx = torch.empty(B, k, l, device=dev, dtype=torch.int64)
     gates = torch.empty(B, k, l, device=dev, dtype=f32)
     gates_out = torch.empty(B, k, l, device=dev, dtype=x.dtype)  # its own buffer: op outputs may not alias
     inv = torch.empty(B, k, n, device=dev, dtype=torch.int32)
     lse = torch.empty(B, k, device=dev, dtype=f32)
     keep_scores = gate == "softmax_all"
-    expert_loop = deterministic and not concat  # the sum combine adds experts in order, no atomics
-    tiles = 1 if expert_loop else k
     groups = triton.cdiv(B, cfg.group)
     b_t = bias if bias is not None else weight
-    args = [B, n, d, k, l, m, out_cols, P.Wp, P.p, cfg.group, cfg.l_chunk, tiles, *x.stride(), *router.stride(),
+    args = [B, n, d, k, l, m, out_cols, P.Wp, P.p, cfg.group, cfg.l_chunk, tiles, ring, *x.stride(), *router.stride(),
             *weight.stride(), *((bias.stride()) if bias is not None else (0, 0))]
     consts = dict(GATE=gate_code(gate), COMBINE=combine_code(combine), ACT=activation_code(activation),
                   HAS_BIAS=bias is not None, SOURCE=source, POOLED=pooled, ZERO_FILL=zero_fill,
@@ -258,7 +260,7 @@ def forward(x: Tensor, router: Tensor, weight: Tensor, bias: Optional[Tensor], p
                   N_POW2=cfg.n_pow2, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m,
                   HAS_N2=cfg.has_n2, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n, BLOCK_N2=cfg.block_n2,
                   BLOCK_DK=cfg.block_dk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if use_fused_route(P):
+    if fused:
         scores = torch.empty(B, k, n if keep_scores else 0, device=dev, dtype=f32)
         with nvtx_range("pmoe.forward"):
             run(_forward_kernel, (groups * (cfg.group + tiles),),
@@ -327,7 +329,7 @@ def backward(dy: Tensor, x: Tensor, router: Tensor, weight: Tensor, bias: Option
             DX_HERE=dx_here, HAS_DS=has_ds, PREC=prec, N_POW2=min(fc.n_pow2, 256), BLOCK_D=fc.block_d,
             HAS_N2=fc.has_n2,
             BLOCK_R=fc.block_r, BLOCK_N=fc.block_n, BLOCK_N2=fc.block_n2, BLOCK_DK=fc.block_dk, BLOCK_DT=cfg.block_dt,
-            BLOCK_K=fc.block_k, DX_N=cfg.n_block, BLOCK_DX=cfg.block_dx, num_warps=cfg.num_warps,
+            BLOCK_K=fc.block_k, DX_N=cfg.n_block, BLOCK_DX=cfg.block_dx, num_warps=fc.num_warps,
             num_stages=fc.num_stages)
     dsd = torch.empty(B, k, n, device=dev, dtype=f32) if dense else ds
     if has_ds and not fuse_ds:

@@ -122,7 +122,7 @@ def select_row(r, j, j_ok, b, s, idx_ptr, gates_ptr, gates_out_ptr, inv_ptr, lse
 
 @triton.jit
 def route_image(b, x_ptr, r_ptr, rows_ptr, idx_ptr, gates_ptr, gates_out_ptr, inv_ptr, scores_ptr, lse_ptr, y_ptr,
-                n, d, k, l, m, out_cols, Wp, p,
+                n, d, k, l, m, out_cols, Wp, p, ring,
                 stride_xb, stride_xc, stride_xh, stride_xw, stride_rk, stride_rd,
                 GATE: tl.constexpr, ZERO_FILL: tl.constexpr, STORE_SCORES: tl.constexpr, WRITE_ROWS: tl.constexpr,
                 N_POW2: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -132,7 +132,7 @@ def route_image(b, x_ptr, r_ptr, rows_ptr, idx_ptr, gates_ptr, gates_out_ptr, in
     The image's (n, k) scores stay in registers (stored only with STORE_SCORES: softmax_all's
     backward needs them); the experts are then selected one row at a time (select_row), so the
     sort never holds more than N_POW2 keys.  WRITE_ROWS copies the image's patch rows, unfold
-    order, to rows_ptr (B*n, d) on the way (score_tile).
+    order, to rows_ptr (ring*n, d), image b in slot b % ring, on the way (score_tile).
     """
     b = b.to(tl.int64)
     j = tl.arange(0, N_POW2)
@@ -140,7 +140,7 @@ def route_image(b, x_ptr, r_ptr, rows_ptr, idx_ptr, gates_ptr, gates_out_ptr, in
     j_ok = j < n
     e_ok = e < k
     row_off = patch_row_offsets(tl.full((N_POW2,), b, tl.int64), j, Wp, p, stride_xb, stride_xh, stride_xw)
-    scores = tl.trans(score_tile(x_ptr, r_ptr, rows_ptr, row_off, (b * n + j) * d, j_ok, e, e_ok, d, p,
+    scores = tl.trans(score_tile(x_ptr, r_ptr, rows_ptr, row_off, ((b % ring) * n + j) * d, j_ok, e, e_ok, d, p,
                                  stride_xc, stride_xh, stride_xw, stride_rk, stride_rd,
                                  WRITE_ROWS, N_POW2, BLOCK_K, BLOCK_D, PREC))  # (BLOCK_K, N_POW2)
     if STORE_SCORES:

@@ -211,9 +211,9 @@ def signal_group(sync_ptr, g):
 
 @triton.jit
 def wait_group(sync_ptr, g, producers):
-    """Spin until group g's `producers` are done (acquire), then let every thread go on.  Only
-    programs with larger tickets wait, on programs that already started and never wait: no
-    deadlock whatever order the GPU starts programs in."""
+    """Spin until group g's `producers` are done (acquire), then let every thread go on.  A
+    program waits only on programs with smaller tickets, which already started: the smallest
+    unfinished ticket never waits, so no deadlock whatever order the GPU starts programs in."""
     done = tl.atomic_add(sync_ptr + 2 + g, 0, sem="acquire")
     while done < producers:
         done = tl.atomic_add(sync_ptr + 2 + g, 0, sem="acquire")

@@ -254,7 +254,7 @@ def test_floors_are_what_must_move_and_spec():
 
 
 # ---------------------------------------------------------------------------------------------
-# the pMoE op, tiny shape (C=4, 4x4, p=1, k=4, l=8, out=16): l*B rows fill whole 32-row tiles at B=4, 8, 12
+# the pMoE op, tiny shape (C=4, 4x4, p=1, k=4, l=8, out=16), at B = 4 and 8: a part of one 128-row forward tile
 
 SHAPE = tiny(WRN)
 
@@ -315,14 +315,37 @@ def test_pmoe_traffic_per_image_does_not_depend_on_batch(fwdbwd_runs):
     assert a["weight"] == b["weight"] > 0
 
 
+def test_dram_capped_at_the_forward_row_ring(fwdbwd_runs):
+    """At a batch where the forward's row copy wraps its ring (configs.ring_images), the copy's
+    DRAM writes are the ring's size (from the launchers' dry run at that batch), not the fit's;
+    per-image tensors (x, the backward's full copy) keep their fitted traffic."""
+    B = 4096
+    launches = traffic.extrapolate(fwdbwd_runs, B)
+    wr = traffic._S["wr_dram"]
+    before = [l.stats[:, wr].copy() for l in launches]
+    sizes = traffic.storage_at(SHAPE, B, "bf16", "nchw", "forward+backward")
+    traffic.cap_dram(launches, sizes)
+    copy_bytes = B * SHAPE.num_patches * SHAPE.patch_dim * 2
+    ring = sizes[0][1]["rows_ptr"]
+    assert sizes[0][0] == "_forward_kernel" and ring < copy_bytes
+    changed = [(l.name, info.label) for l, b in zip(launches, before) for j, info in enumerate(l.tensors)
+               if l.stats[j, wr] != b[j]]
+    assert changed == [("_forward_kernel", "rows_ptr")]
+    fwd = launches[[l.name for l in launches].index("_forward_kernel")]
+    j = [info.label for info in fwd.tensors].index("rows_ptr")
+    assert fwd.stats[j, wr] * traffic.SECTOR == ring
+
+
 @pytest.mark.filterwarnings("ignore:All-NaN slice")  # the route kernel reduces over padding rows
 def test_extrapolation_in_batch_is_exact_on_whole_tiles():
-    """Counts fitted as a + b·B from B = 4 and 8 give B = 12 exactly (l = n = 16: B·l fills whole
-    64-row tiles at every multiple of 4 images)."""
+    """Counts fitted as a + b·B from B = b0 and 2 b0 give B = 3 b0 exactly (l = n = 16: B·l fills
+    whole tiles of the forward's 128 rows at every multiple of b0 = 8 images)."""
     shape = LayerShape("tiny-l16", 4, 4, 4, 1, 4, 16, 16, cpu_batch=4, gpu_batch=12)
-    runs = {b: traffic.trace_layer(shape, b, "bf16", "nchw", "forward", distinct=4) for b in (4, 8, 12)}
-    fitted = traffic.extrapolate({4: runs[4], 8: runs[8]}, 12)
-    measured = runs[12].launches
+    b0 = traffic.whole_tiles_batch(shape, "bf16")
+    assert b0 == 8
+    runs = {b: traffic.trace_layer(shape, b, "bf16", "nchw", "forward", distinct=4) for b in (b0, 2 * b0, 3 * b0)}
+    fitted = traffic.extrapolate({b0: runs[b0], 2 * b0: runs[2 * b0]}, 3 * b0)
+    measured = runs[3 * b0].launches
     assert [l.name for l in fitted] == [l.name for l in measured]
     for f, m in zip(fitted, measured):
         assert f.programs == m.programs, f.name
