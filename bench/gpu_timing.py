@@ -219,12 +219,13 @@ def config_of(shape: LayerShape, batch: int, dtype: torch.dtype, device: torch.d
     sm, sms = device_generation(device)
     n, d, k, l, m = shape.num_patches, shape.patch_dim, shape.num_experts, shape.top_l, shape.expert_features
     elt = torch.empty(0, dtype=dtype).element_size()
-    fwd = configs.forward_config(n, d, k, l, m, elt, sm, shape.combine == "sum")
+    channels_inner = layout == "channels_last" and shape.in_channels > 1  # launch.gather_source's rule
+    fwd = configs.forward_config(n, d, k, l, m, elt, sm, shape.combine == "sum",
+                                 channels_inner and shape.patch_size > 1)
     problem = launch.Problem(batch, shape.in_channels, shape.height, shape.width, shape.patch_size, k, m, l)
     out = {"route": "fused" if launch.use_fused_route(problem) else "split", "fwd": _compact(fwd),
            "raw": {"fwd": dataclasses.asdict(fwd)}}
     if pass_name != "forward":
-        channels_inner = layout == "channels_last" and shape.in_channels > 1  # launch.gather_source's rule
         bwd = configs.backward_config(batch, n, d, k, l, m, elt, sm, sms, channels_inner=channels_inner)
         out["bwd"] = _compact(bwd)
         out["raw"]["bwd"] = dataclasses.asdict(bwd)

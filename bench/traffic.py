@@ -49,7 +49,7 @@ Assumptions (also printed in the report):
   - DRAM: a perfect L2 within a launch, cold between launches (the L2 is 50 MB; a launch whose
     unique bytes exceed that would spill), partial-sector writes cost a whole sector; a tensor
     moves at most its own size each way (its size at the GPU batch, from a meta-device dry run
-    of the launchers: the forward's row ring is a fixed size however large B is);
+    of the launchers: a ring, e.g. the forward's row copy, is a fixed size however large B is);
   - only tensor-core work (tl.dot) is timed; CUDA-core arithmetic (the routing sort, softmax,
     activations) and latency are not; occupancy enters only through the grid-fill factor.
 Each kernel runs the config the GPU would run (kernels/configs.py: a fixed per-arch table, no
@@ -1003,7 +1003,8 @@ ASSUMPTIONS = [
     "sector stored or atomically updated, once; reads = sectors loaded or atomically updated whose first touch "
     "in the launch is not a write by an earlier program (written data is read back from L2); each capped at the "
     "tensor's size at the GPU batch (a meta-device dry run of the launchers), which only binds for buffers "
-    "that do not grow with B: the forward's row ring (kernels/configs.ring_images) of an NCHW map",
+    "that do not grow with B: the rings of kernels/configs.ring_images (the forward's row copy of an NCHW map, "
+    "the backward's T)",
     "dot FLOPs = 2·M·N·K of every tl.dot tile (padding included); CUDA-core work (sort, softmax, "
     "activations) is not timed",
     "torch ops the layer runs (fills, casts, copies) stream: each input read and each output written once",

@@ -83,7 +83,7 @@ def dpre_pass(n0, src_ptr, row_off, ok, w_ptr, b_ptr, dy_ptr, dpre_ptr, s, m, d,
 
 @triton.jit
 def dpre_tile(g, s, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, dy_ptr, dpre_ptr, t_ptr, dg_ptr, ds_ptr,
-              B, n, k, l, m, d, Wp, p, GROUP, L_CHUNK,
+              B, n, k, l, m, d, Wp, p, GROUP, L_CHUNK, t_ring,
               stride_xb, stride_xc, stride_xh, stride_xw, stride_wk, stride_wm, stride_wd, stride_bk, stride_bm,
               stride_dyb, stride_dyn,
               SOURCE: tl.constexpr, COMBINE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -134,7 +134,7 @@ def dpre_tile(g, s, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, dy_ptr, d
         # T = dPre_s W_s: expert s's input gradient at its rows, all d features (step 2 sums the
         # experts per patch).  dPre from registers when m took one pass, else read back.
         w_s = w_ptr + s * stride_wk
-        t_row = ((s * B + b) * l + i).to(tl.int64) * d
+        t_row = ((s * t_ring + b % t_ring) * l + i).to(tl.int64) * d
         if not ONE_PASS:
             tl.debug_barrier()  # this tile's dPre stores before its loads below
         for d0 in range(0, d, BLOCK_DT):
@@ -165,6 +165,7 @@ def _rows_bwd_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, i
                      dg_ptr, ds_ptr, dx_ptr,
                      sync_ptr,  # int32 (2 + 2 * groups,) ticket counters (utils.take_ticket), zero between launches
                      B, n, k, l, m, d, Wp, p, GROUP, L_CHUNK, DX_BLOCKS,
+                     t_ring,                                      # images t holds (B, or a ring of groups)
                      stride_xb, stride_xc, stride_xh, stride_xw,  # x: (B, C, H, W), any strides
                      stride_wk, stride_wm, stride_wd,             # weight: (k, m, d)
                      stride_bk, stride_bm,                        # bias: (k, m)
@@ -180,8 +181,11 @@ def _rows_bwd_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, i
         copies   GROUP programs copying the group's NCHW patch rows (SOURCE = SRC_ROWS), then
         tiles    k expert tiles (dpre_tile; wait for the copies), then
         dX       GROUP * DX_BLOCKS programs (DX_HERE: dx_combine, one image and d block each; wait
-                 for the k tiles), when the score gradient is known here (softmax fused, or none).
-    dpre: (k, B*l, m) and t: (k, B*l, d) in x's dtype; dg / ds: (B, k, l) fp32."""
+                 for the k tiles, then count themselves done), when the score gradient is known
+                 here (softmax fused, or none).
+    dpre: (k, B*l, m) and t: (k, t_ring*l, d) in x's dtype, image b's rows in slot b % t_ring (with
+    DX_HERE a ring of the groups in flight: a tile of group g >= t_ring / GROUP first waits until
+    group g - t_ring / GROUP's tiles and dX programs are done); dg / ds: (B, k, l) fp32."""
     copies = GROUP if SOURCE == SRC_ROWS else 0
     combines = GROUP * DX_BLOCKS if DX_HERE else 0
     groups = tl.cdiv(B, GROUP)
@@ -196,8 +200,11 @@ def _rows_bwd_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, i
         signal_group(sync_ptr, g)
     elif slot < copies + k:
         wait_group(sync_ptr, g, copies)
+        if DX_HERE:
+            if g * GROUP >= t_ring:  # the T slot's last group: its dX programs have read it
+                wait_group(sync_ptr + groups, g - t_ring // GROUP, k + combines)
         dpre_tile(g, slot - copies, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, dy_ptr, dpre_ptr, t_ptr,
-                  dg_ptr, ds_ptr, B, n, k, l, m, d, Wp, p, GROUP, L_CHUNK, stride_xb, stride_xc, stride_xh,
+                  dg_ptr, ds_ptr, B, n, k, l, m, d, Wp, p, GROUP, L_CHUNK, t_ring, stride_xb, stride_xc, stride_xh,
                   stride_xw, stride_wk, stride_wm, stride_wd, stride_bk, stride_bm, stride_dyb, stride_dyn,
                   SOURCE, COMBINE, ACT, HAS_BIAS, FUSE_DS, ONE_PASS, HAS_N2, BLOCK_R, BLOCK_N, BLOCK_N2, BLOCK_DK,
                   BLOCK_DT, PREC)
@@ -208,13 +215,14 @@ def _rows_bwd_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, i
         b = g * GROUP + q // DX_BLOCKS
         if b < B:
             dx_combine(b * DX_BLOCKS + q % DX_BLOCKS, t_ptr, r_ptr, ds_ptr, inv_ptr, ds_ptr, dx_ptr, B, n, k, l, d,
-                       Wp, p, stride_rk, stride_rd, stride_db, stride_dc, stride_dh, stride_dw, HAS_DS, False, DX_N,
-                       BLOCK_K, BLOCK_DX, PREC)
+                       Wp, p, t_ring, stride_rk, stride_rd, stride_db, stride_dc, stride_dh, stride_dw, HAS_DS, False,
+                       DX_N, BLOCK_K, BLOCK_DX, PREC)
+        signal_group(sync_ptr + groups, g)  # done reading the group's T: its ring slot may be rewritten
     finish_ticket(sync_ptr, tl.num_programs(0), 2 * groups)
 
 
 @triton.jit
-def dx_combine(pid, t_ptr, r_ptr, ds_ptr, inv_ptr, dsd_ptr, dx_ptr, B, n, k, l, d, Wp, p, stride_rk, stride_rd,
+def dx_combine(pid, t_ptr, r_ptr, ds_ptr, inv_ptr, dsd_ptr, dx_ptr, B, n, k, l, d, Wp, p, t_ring, stride_rk, stride_rd,
                stride_db, stride_dc, stride_dh, stride_dw,
                HAS_DS: tl.constexpr, DENSE: tl.constexpr, N_POW2: tl.constexpr, BLOCK_K: tl.constexpr,
                BLOCK_DX: tl.constexpr, PREC: tl.constexpr):
@@ -232,7 +240,7 @@ def dx_combine(pid, t_ptr, r_ptr, ds_ptr, inv_ptr, dsd_ptr, dx_ptr, B, n, k, l, 
         for s in range(0, k):
             rank = tl.load(inv_ptr + (b * k + s) * n + j, mask=j_ok, other=-1)
             took = rank >= 0
-            row = (s * B + b) * l + rank
+            row = (s * t_ring + b % t_ring) * l + rank
             acc += tl.load(t_ptr + row[:, None] * d + c[None, :], mask=took[:, None] & c_ok[None, :],
                            other=0.0).to(tl.float32)
             if HAS_DS:
@@ -373,7 +381,7 @@ def _dx_dw_kernel(x_ptr, rows_ptr, idx_ptr, inv_ptr, dpre_ptr, t_ptr, ds_ptr, ds
     B * cdiv(d, BLOCK_DX) dX programs, then k * cdiv(d, BLOCK_DW) * SPLITS dW programs."""
     pid = tl.program_id(0)
     if pid < DX_PROGRAMS:
-        dx_combine(pid, t_ptr, r_ptr, ds_ptr, inv_ptr, dsd_ptr, dx_ptr, B, n, k, l, d, Wp, p, stride_rk, stride_rd,
+        dx_combine(pid, t_ptr, r_ptr, ds_ptr, inv_ptr, dsd_ptr, dx_ptr, B, n, k, l, d, Wp, p, B, stride_rk, stride_rd,
                    stride_db, stride_dc, stride_dh, stride_dw, HAS_DS, DENSE, N_POW2, BLOCK_K, BLOCK_DX, PREC)
     else:
         dw_tile(pid - DX_PROGRAMS, x_ptr, rows_ptr, idx_ptr, dpre_ptr, ds_ptr, dw_ptr, db_ptr, dr_ptr, part_ptr,

@@ -10,8 +10,10 @@ for runs that need not be deterministic, can come once a GPU can time them.
 Sizes are chosen from the traffic model and the compile report, not guessed:
 - expert tiles of BLOCK_R rows (whole images: GROUP = BLOCK_R // l of them) read each expert's
   weights B*l/BLOCK_R times, which is most of an NCHW forward's L2 traffic: 128 rows in the
-  sm_90 16-bit forward, 64 in its backward (rows_bwd also keeps dPre and T live), 32 elsewhere,
-  the largest that compile without spills;
+  sm_90 16-bit forward (in K steps of 32, 2 stages: the accumulator takes the registers), 64 in
+  its backward (rows_bwd also keeps dPre and T live), in the sum combine's forward and where
+  the forward gathers p x p patches from a channels-last map, 32 elsewhere: the largest that
+  compile without spills on Triton 3.6 to 3.9;
 - BLOCK_N (+ BLOCK_N2) covers all of an expert's m <= 256 outputs (160 = 128 + 32), so each
   gathered row is read once per expert;
 - the route program holds an image's (N_POW2, BLOCK_K) scores: up to ROUTE_MAX_LANES of them.
@@ -86,6 +88,8 @@ class Budget:
     block_dt: int      # features per step of T = dPre @ W_s
     dw_lanes: int      # dW accumulator: columns x features
     stages: int
+    fwd_dk: int = 0      # K step and stages of forward tiles wider than the backward's (0: the
+    fwd_stages: int = 0  # backward's): a 128-row accumulator leaves fewer registers to the pipeline
 
 
 # (sm >= 90: wgmma; else mma.sync) x (2: bf16/fp16; 4: fp32 as tf32x3, three products a dot).
@@ -99,8 +103,11 @@ MAXNREG = 255
 def max_registers(num_warps: int) -> int:
     """Registers a thread may use so that one CTA of num_warps fits an SM's 64K registers."""
     return min(MAXNREG, 65536 // (32 * num_warps))
+
+
 BUDGETS = {
-    (90, 2): Budget(128, 64, 256, fwd_warps=8, rows_warps=8, dxdw_warps=8, block_dt=64, dw_lanes=32768, stages=3),
+    (90, 2): Budget(128, 64, 256, fwd_warps=8, rows_warps=8, dxdw_warps=8, block_dt=64, dw_lanes=32768, stages=3,
+                    fwd_dk=32, fwd_stages=2),
     (90, 4): Budget(32, 32, 64, fwd_warps=8, rows_warps=8, dxdw_warps=8, block_dt=16, dw_lanes=4096, stages=3),
     (80, 2): Budget(32, 32, 128, fwd_warps=8, rows_warps=8, dxdw_warps=8, block_dt=32, dw_lanes=8192, stages=2),
     (80, 4): Budget(32, 32, 64, fwd_warps=8, rows_warps=8, dxdw_warps=8, block_dt=16, dw_lanes=2048, stages=2),
@@ -111,8 +118,9 @@ def budget(elt_bytes: int, sm: int) -> Budget:
     return BUDGETS[(90 if sm >= 90 else 80, 2 if elt_bytes <= 2 else 4)]
 
 
-# The fused forward's K-contiguous row copy of an NCHW map (SRC_ROWS) is a ring of whole image
-# groups: group g's route programs wait until group g - ring's tiles are done with the slot.  It
+# The fused forward's K-contiguous row copy of an NCHW map (SRC_ROWS), and the backward's T when
+# its dX programs run in the same launch, are rings of whole image groups: group g's writers wait
+# until group g - ring's readers are done with the slot.  A ring
 # spans the groups in flight (one CTA an SM: SMs / (GROUP + TILES) groups' programs) and one
 # more, so a route program finds its slot free as the oldest group finishes; a ring over half the
 # 50 MB L2 of an H100 / H200 would not stay on chip while x and y stream past, and the copy is then
@@ -120,10 +128,12 @@ def budget(elt_bytes: int, sm: int) -> Budget:
 RING_BYTES = 24 << 20
 
 
-def ring_images(B: int, group: int, tiles: int, image_bytes: int, sms: int = 132) -> int:
-    """Images the fused forward's row copy holds (see RING_BYTES): B, or whole groups."""
+def ring_images(B: int, group: int, period: int, image_bytes: int, sms: int = 132) -> int:
+    """Images a ring of image groups holds (see RING_BYTES): B, or whole groups.  period: the
+    tickets of one group (forward: GROUP route programs + TILES; backward: copies, tiles and dX
+    programs); image_bytes: what one image takes in the ring."""
     groups = triton.cdiv(B, group)
-    ring = max(2, triton.cdiv(sms, group + tiles) + 1)
+    ring = max(2, triton.cdiv(sms, period) + 1)
     if ring >= groups or ring * group * image_bytes > RING_BYTES:
         return B
     return ring * group
@@ -142,22 +152,30 @@ def expert_rows(l: int, block_r: int) -> tuple[int, int]:
 
 
 def forward_config(n: int, d: int, k: int, l: int, m: int, elt_bytes: int, sm: int = 90,
-                   sum_combine: bool = False) -> ForwardConfig:
+                   sum_combine: bool = False, map_patches: bool = False) -> ForwardConfig:
     """The forward's config for n patches of d features, k experts taking l each, m outputs each,
     elements of elt_bytes (2: bf16/fp16, 4: fp32), on a GPU of compute capability sm (90 = H100).
-    sum_combine: the sum combine's epilogues (fp32 atomics, or the deterministic expert loop's
-    read-modify-write) keep more live: at most the backward's rows (128 spill there)."""
+    At most the backward's rows (128 spill there) for the sum combine (sum_combine: its epilogues,
+    fp32 atomics or the deterministic expert loop's read-modify-write, keep more live) and for
+    p x p patches gathered straight from a channels-last map (map_patches: 64-bit offsets a row
+    and a column)."""
     bud = budget(elt_bytes, sm)
     n_pow2 = max(16, _np2(n))
-    block_r = min(bud.block_r, bud.rows_block_r) if sum_combine else bud.block_r
+    block_r = min(bud.block_r, bud.rows_block_r) if sum_combine or map_patches else bud.block_r
+    wide = block_r > bud.rows_block_r  # wider than the backward's tiles: the forward's own K step and stages
     group, l_chunk = expert_rows(l, block_r)
     block_n, block_n2, has_n2 = column_blocks(m, bud.max_cols)
     return ForwardConfig(n_pow2=n_pow2, block_k=max(16, _np2(k)),
                          block_d=max(16, min(64, 4096 // n_pow2)),  # (n_pow2, block_d): <= 32 a thread
                          block_m=max(16, min(64, 2048 // n_pow2)),
                          block_r=block_r, group=group, l_chunk=l_chunk, block_n=block_n, block_n2=block_n2,
-                         has_n2=has_n2, block_dk=64 if elt_bytes == 2 else 32, num_warps=bud.fwd_warps,
-                         num_stages=bud.stages)
+                         has_n2=has_n2, block_dk=wide and bud.fwd_dk or block_dk(elt_bytes),
+                         num_warps=bud.fwd_warps, num_stages=wide and bud.fwd_stages or bud.stages)
+
+
+def block_dk(elt_bytes: int) -> int:
+    """Features per K step of an expert tile: 128 bytes of each row."""
+    return 64 if elt_bytes == 2 else 32
 
 
 @dataclass(frozen=True)
@@ -187,7 +205,8 @@ def backward_config(B: int, n: int, d: int, k: int, l: int, m: int, elt_bytes: i
     bud = budget(elt_bytes, sm)
     group, l_chunk = expert_rows(l, bud.rows_block_r)
     fwd = dataclasses.replace(forward_config(n, d, k, l, m, elt_bytes, sm), num_warps=bud.rows_warps,
-                              block_r=bud.rows_block_r, group=group, l_chunk=l_chunk)
+                              block_r=bud.rows_block_r, group=group, l_chunk=l_chunk, block_dk=block_dk(elt_bytes),
+                              num_stages=bud.stages)
     n_block = min(_np2(n), 64 if channels_inner else 256)
     cols = fwd.block_n + (fwd.block_n2 if fwd.has_n2 else 0)
     # dPre is re-read once per d block: wide dW blocks, as far as the accumulator allows

@@ -38,8 +38,8 @@ FORCE_SM = None
 
 
 def run(kernel, grid, *args, **kwargs):
-    """kernel[grid](*args, **kwargs), or hand it to the RECORDER; every launch may use all 255
-    registers (configs.MAXNREG)."""
+    """kernel[grid](*args, **kwargs), or hand it to the RECORDER; every launch may use as many
+    registers as let one CTA fit an SM, at most 255 (configs.max_registers)."""
     kwargs.setdefault("maxnreg", configs.max_registers(kwargs.get("num_warps", 4)))
     if RECORDER is not None:
         RECORDER(kernel, grid, args, kwargs)
@@ -230,7 +230,9 @@ def forward(x: Tensor, router: Tensor, weight: Tensor, bias: Optional[Tensor], p
     B, n, k, m, l, d = P.B, P.n, P.k, P.m, P.l, P.d
     concat = combine == "concat"
     expert_loop = deterministic and not concat  # the sum combine adds experts in order, no atomics
-    cfg = configs.forward_config(n, d, k, l, m, x.element_size(), capability(x), not concat)
+    source = gather_source(x)
+    cfg = configs.forward_config(n, d, k, l, m, x.element_size(), capability(x), not concat,
+                                 source == SRC_MAP and p > 1)
     out_cols = k * m if concat else m
     zero_fill = concat and not pooled
     if pooled:
@@ -239,10 +241,10 @@ def forward(x: Tensor, router: Tensor, weight: Tensor, bias: Optional[Tensor], p
         y = torch.empty(B, n, out_cols, device=dev, dtype=x.dtype)  # every element written once
     else:
         y = torch.zeros(B, n, out_cols, device=dev, dtype=f32)  # experts add up
-    source = gather_source(x)
     fused = use_fused_route(P)
     tiles = 1 if expert_loop else k
-    ring = configs.ring_images(B, cfg.group, tiles, n * d * x.element_size(), multiprocessors(x)) if fused else B
+    ring = (configs.ring_images(B, cfg.group, cfg.group + tiles, n * d * x.element_size(), multiprocessors(x))
+            if fused else B)
     rows = torch.empty(ring * n, d, device=dev, dtype=x.dtype) if source == SRC_ROWS else x
     idx = torch.empty(B, k, l, device=dev, dtype=torch.int64)
     gates = torch.empty(B, k, l, device=dev, dtype=f32)
@@ -309,7 +311,6 @@ def backward(dy: Tensor, x: Tensor, router: Tensor, weight: Tensor, bias: Option
     fuse_ds = gate == "softmax" and fc.l_chunk == l
     rows = torch.empty(B * n, d, device=dev, dtype=x.dtype) if source == SRC_ROWS else x
     dpre = torch.empty(k, B * l, m, device=dev, dtype=x.dtype)
-    t = torch.empty(k, B * l, d, device=dev, dtype=x.dtype)
     dg = torch.empty(B, k, l, device=dev, dtype=f32)
     ds = torch.empty(B, k, l, device=dev, dtype=f32)
     groups = triton.cdiv(B, fc.group)
@@ -317,12 +318,17 @@ def backward(dy: Tensor, x: Tensor, router: Tensor, weight: Tensor, bias: Option
     dx = torch.empty_like(x)
     dx_here = fuse_ds or not has_ds  # dX needs dS: here when the tiles compute it, else after the gate backward
     dx_blocks = triton.cdiv(d, cfg.block_dx)
+    copies = fc.group if source == SRC_ROWS else 0
+    combines = fc.group * dx_blocks if dx_here else 0
+    period = copies + k + combines
+    # T: read by this launch's dX programs (a ring of the groups in flight), else by launch 2
+    t_ring = (configs.ring_images(B, fc.group, period, k * l * d * x.element_size(), multiprocessors(x))
+              if dx_here else B)
+    t = torch.empty(k, t_ring * l, d, device=dev, dtype=x.dtype)
     with nvtx_range("pmoe.backward.rows"):
-        copies = fc.group if source == SRC_ROWS else 0
-        combines = fc.group * dx_blocks if dx_here else 0
-        run(_rows_bwd_kernel, (groups * (copies + k + combines),),
+        run(_rows_bwd_kernel, (groups * period,),
             x, rows, weight, b_t, router, idx, gates, inv, dy, dpre, t, dg, ds, dx, sync_counters(x, 2 + 2 * groups),
-            B, n, k, l, m, d, P.Wp, P.p, fc.group, fc.l_chunk, dx_blocks, *x.stride(), *weight.stride(),
+            B, n, k, l, m, d, P.Wp, P.p, fc.group, fc.l_chunk, dx_blocks, t_ring, *x.stride(), *weight.stride(),
             *((bias.stride()) if bias is not None else (0, 0)), *router.stride(), dy.stride(0), dy.stride(1),
             *dx.stride(), SOURCE=source, COMBINE=combine_code(combine), ACT=activation_code(activation),
             HAS_BIAS=bias is not None, FUSE_DS=fuse_ds, ONE_PASS=m <= fc.block_n + fc.block_n2 * fc.has_n2,

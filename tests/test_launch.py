@@ -204,25 +204,28 @@ def test_ticket_counters_are_zero_after_every_launch():
 
 @pytest.mark.parametrize("combine,det,pooled", [("concat", False, False), ("sum", True, False), ("sum", False, True)])
 def test_forward_row_ring_wraps_bit_identical(monkeypatch, combine, det, pooled):
-    """NCHW input: the fused forward copies patch rows into a ring of image groups (configs.
-    ring_images).  With the ring cut to its minimum (one SM: 2 groups of 4 images, 13 images:
-    slots reused twice, a partial last group), every output is the bits of the unwrapped run, and
-    the row copy holds only the ring."""
+    """NCHW input: the fused forward copies patch rows into a ring of image groups, and the
+    backward's T, read by dX programs of the same launch, is one too (configs.ring_images).  With
+    the rings cut to their minimum (one SM: 2 groups of 4 images, 13 images: slots reused twice, a
+    partial last group), every output and gradient is the bits of the unwrapped run, and the
+    buffers hold only the rings."""
     torch.manual_seed(0)
     x = torch.randn(13, 3, 8, 8, requires_grad=True)  # p=2: n=16, d=12; fp32 tiles of 32 rows, l=8: 4 images
     router, weight, bias = params(3, 2, 2, 4, bias=True, flat=True)
     args = (x, router, weight, bias, 2, 8, combine, "softmax", det)
     ref = _run_layer(*args, pooled=pooled)
     ring = launch.configs.ring_images  # one SM: one group in flight, a ring of 2 groups
-    monkeypatch.setattr(launch.configs, "ring_images", lambda B, group, tiles, nbytes, sms: ring(B, group, tiles,
-                                                                                                nbytes, 1))
+    monkeypatch.setattr(launch.configs, "ring_images", lambda B, group, period, nbytes, sms: ring(B, group, period,
+                                                                                                 nbytes, 1))
+    from pmoe.kernels.backward import _rows_bwd_kernel
     rows = []
-    monkeypatch.setattr(launch, "run", lambda kernel, grid, *a, **kw: kernel is launch._forward_kernel
-                        and rows.append((a[1].shape, kw["MODE"])) or _RUN(kernel, grid, *a, **kw))
+    monkeypatch.setattr(launch, "run", lambda kernel, grid, *a, **kw: (
+        kernel is launch._forward_kernel and rows.append((a[1].shape, kw["MODE"]))
+        or kernel is _rows_bwd_kernel and rows.append(a[10].shape)) or _RUN(kernel, grid, *a, **kw))
     got = _run_layer(*args, pooled=pooled)
     tiles = 1 if det else 2
-    assert ring(13, 4, tiles, 16 * 12 * 4, sms=1) == 8
-    assert rows == [((8 * 16, 12), launch.FWD_FUSED)]
+    assert ring(13, 4, 4 + tiles, 16 * 12 * 4, sms=1) == 8
+    assert rows == [((8 * 16, 12), launch.FWD_FUSED), (2, 8 * 8, 12)]  # T: (k, ring * l, d)
     for a, b in zip(got[:3], ref[:3]):  # y, idx, gates (lse: softmax_all's)
         assert torch.equal(a, b)
     for a, b in zip(got[4], ref[4]):
@@ -230,14 +233,15 @@ def test_forward_row_ring_wraps_bit_identical(monkeypatch, combine, det, pooled)
 
 
 def test_ring_spans_the_groups_in_flight():
-    """The ring: the groups that fit on the SMs at once and one more; B when that covers every
-    group or would not stay in L2 (configs.RING_BYTES)."""
+    """A ring: the groups whose programs fit on the SMs at once and one more; B when that covers
+    every group or would not stay in L2 (configs.RING_BYTES)."""
     ring = launch.configs.ring_images
-    assert ring(256, 8, 4, 640 * 64 * 2) == (11 + 1) * 8  # WRN, 16-bit: 12 tickets a group, 132 SMs
-    assert ring(64, 4, 8, 1024 * 256 * 2) == 48           # large: 12 of its 16 groups, 24 MB
-    assert ring(32, 4, 8, 1024 * 256 * 2) == 32           # ... at B = 32 every group fits
-    assert ring(4096, 4, 8, 4096 * 256 * 2) == 4096       # 4x the image: 96 MB would not stay in L2
-    assert ring(13, 4, 2, 1, sms=1) == 8                  # at least 2 groups
+    assert ring(256, 8, 12, 640 * 64 * 2) == (11 + 1) * 8  # WRN, 16-bit: 12 tickets a group, 132 SMs
+    assert ring(64, 4, 12, 1024 * 256 * 2) == 48           # large: 12 of its 16 groups, 24 MB
+    assert ring(32, 4, 12, 1024 * 256 * 2) == 32           # ... at B = 32 every group fits
+    assert ring(4096, 4, 12, 4096 * 256 * 2) == 4096       # 4x the image: 96 MB would not stay in L2
+    assert ring(256, 4, 48, 64 * 640 * 2) == 16            # WRN backward's T: 3 groups in flight
+    assert ring(13, 4, 2, 1, sms=1) == 8                   # at least 2 groups
 
 
 # ------------------------------------------------------------------ 3. device guard
