@@ -809,12 +809,9 @@ def storage_at(shape, gpu_batch: int, dtype: str, layout: str, pass_name: str) -
                             channels_last=layout == "channels_last")
     forward, backward = registry.record(prob, DTYPES[dtype], sm=90)
     out = []
-    for kernel, _grid, args, kwargs in forward + (backward if pass_name != "forward" else []):
-        fn = registry._jit_fn(kernel)
-        names = [name for name, is_constexpr in registry._params(fn) if not is_constexpr]
-        sizes = {name: value.untyped_storage().nbytes() for name, value in zip(names, args)
-                 if isinstance(value, torch.Tensor)}
-        out.append((getattr(fn, "__name__", None) or fn.fn.__name__, sizes))
+    for kernel, _grid, args, _kwargs in forward + (backward if pass_name != "forward" else []):
+        name, tensors = registry.tensor_args(kernel, args)
+        out.append((name, {arg: t.untyped_storage().nbytes() for arg, t in tensors.items()}))
     return out
 
 
@@ -836,8 +833,8 @@ def cap_dram(launches: list, sizes: list) -> None:
 
 
 def whole_tiles_batch(shape, dtype: str) -> int:
-    """The least B whose B*l rows fill whole expert tiles of the forward's and the backward's
-    configs (sm_90), so that no partial tile is extrapolated."""
+    """The least B whose B*l rows fill whole expert tiles of the forward's config (sm_90; the
+    backward's tiles are as wide or half as wide), so that no partial tile is extrapolated."""
     from pmoe.kernels import configs
 
     elt = torch.empty(0, dtype=DTYPES[dtype]).element_size()

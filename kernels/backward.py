@@ -27,7 +27,7 @@ import triton.language as tl
 from .forward import rows_gemm, source_cols, source_rows, tile_rows
 from .modes import COMBINE_CONCAT, COMBINE_SUM, SRC_ROWS
 from .utils import (activation, activation_grad, finish_ticket, patch_col_offsets, patch_row_offsets, signal_group,
-                    take_ticket, wait_group)
+                    take_ticket, wait_group, wait_ring_slot)
 
 
 @triton.jit
@@ -200,9 +200,8 @@ def _rows_bwd_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, i
         signal_group(sync_ptr, g)
     elif slot < copies + k:
         wait_group(sync_ptr, g, copies)
-        if DX_HERE:
-            if g * GROUP >= t_ring:  # the T slot's last group: its dX programs have read it
-                wait_group(sync_ptr + groups, g - t_ring // GROUP, k + combines)
+        if DX_HERE:  # the T slot's last group: its tiles wrote it and its dX programs have read it
+            wait_ring_slot(sync_ptr + groups, g, GROUP, t_ring, k + combines)
         dpre_tile(g, slot - copies, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, dy_ptr, dpre_ptr, t_ptr,
                   dg_ptr, ds_ptr, B, n, k, l, m, d, Wp, p, GROUP, L_CHUNK, t_ring, stride_xb, stride_xc, stride_xh,
                   stride_xw, stride_wk, stride_wm, stride_wd, stride_bk, stride_bm, stride_dyb, stride_dyn,

@@ -162,15 +162,17 @@ def forward_config(n: int, d: int, k: int, l: int, m: int, elt_bytes: int, sm: i
     bud = budget(elt_bytes, sm)
     n_pow2 = max(16, _np2(n))
     block_r = min(bud.block_r, bud.rows_block_r) if sum_combine or map_patches else bud.block_r
-    wide = block_r > bud.rows_block_r  # wider than the backward's tiles: the forward's own K step and stages
+    if block_r > bud.rows_block_r and bud.fwd_dk:  # wider than the backward's: the forward's own K step, stages
+        dk, stages = bud.fwd_dk, bud.fwd_stages
+    else:
+        dk, stages = block_dk(elt_bytes), bud.stages
     group, l_chunk = expert_rows(l, block_r)
     block_n, block_n2, has_n2 = column_blocks(m, bud.max_cols)
     return ForwardConfig(n_pow2=n_pow2, block_k=max(16, _np2(k)),
                          block_d=max(16, min(64, 4096 // n_pow2)),  # (n_pow2, block_d): <= 32 a thread
                          block_m=max(16, min(64, 2048 // n_pow2)),
                          block_r=block_r, group=group, l_chunk=l_chunk, block_n=block_n, block_n2=block_n2,
-                         has_n2=has_n2, block_dk=wide and bud.fwd_dk or block_dk(elt_bytes),
-                         num_warps=bud.fwd_warps, num_stages=wide and bud.fwd_stages or bud.stages)
+                         has_n2=has_n2, block_dk=dk, num_warps=bud.fwd_warps, num_stages=stages)
 
 
 def block_dk(elt_bytes: int) -> int:

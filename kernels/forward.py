@@ -46,7 +46,7 @@ import triton.language as tl
 from .modes import COMBINE_CONCAT, COMBINE_SUM, FWD_EXPERTS, FWD_FUSED, FWD_ROUTE, SRC_MAP, SRC_ROWS
 from .routing import route_image
 from .utils import (activation, finish_ticket, patch_col_offsets, patch_row_offsets, signal_group, take_ticket,
-                    wait_group)
+                    wait_group, wait_ring_slot)
 
 
 @triton.jit
@@ -232,9 +232,8 @@ def _forward_kernel(x_ptr, rows_ptr, r_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, ga
         slot = ticket - g * period
         if slot < GROUP:
             b = g * GROUP + slot
-            if SOURCE == SRC_ROWS:
-                if g * GROUP >= ring:  # the ring slot's last group: all its tiles have read it
-                    wait_group(sync_ptr, g - ring // GROUP, GROUP + TILES)
+            if SOURCE == SRC_ROWS:  # the slot's last group: routed, and all its tiles have read it
+                wait_ring_slot(sync_ptr, g, GROUP, ring, GROUP + TILES)
             if b < B:
                 route_image(b, x_ptr, r_ptr, rows_ptr, idx_ptr, gates_ptr, gates_out_ptr, inv_ptr, scores_ptr,
                             lse_ptr, y_ptr, n, d, k, l, m, out_cols, Wp, p, ring, stride_xb, stride_xc, stride_xh,

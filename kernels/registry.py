@@ -113,6 +113,14 @@ def _params(fn) -> list[tuple[str, bool]]:
     return [(name, "constexpr" in str(p.annotation)) for name, p in inspect.signature(py).parameters.items()]
 
 
+def tensor_args(kernel, args) -> tuple[str, dict]:
+    """A recorded launch's kernel name and {parameter name: tensor} of its positional arguments."""
+    fn = _jit_fn(kernel)
+    names = [name for name, is_constexpr in _params(fn) if not is_constexpr]
+    return (getattr(fn, "__name__", None) or fn.fn.__name__,
+            {name: value for name, value in zip(names, args) if isinstance(value, torch.Tensor)})
+
+
 def _specialise(fn, args, kwargs, problem: str) -> Launch:
     kwargs = dict(kwargs)
     num_warps = kwargs.pop("num_warps", 4)

@@ -221,6 +221,16 @@ def wait_group(sync_ptr, g, producers):
 
 
 @triton.jit
+def wait_ring_slot(sync_ptr, g, GROUP, ring, users):
+    """Before group g writes its slot of a ring of `ring` images (whole groups of GROUP; image b in
+    slot b % ring), wait until the slot's previous group, g - ring / GROUP, has all its `users`
+    (writers and readers) counted done on sync_ptr's group counters.  The first lap (g * GROUP <
+    ring: every group when ring = B) does not wait."""
+    if g * GROUP >= ring:
+        wait_group(sync_ptr, g - ring // GROUP, users)
+
+
+@triton.jit
 def finish_ticket(sync_ptr, programs, groups):
     """Count this program finished; the last one zeroes the counters for the next launch."""
     tl.debug_barrier()

@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 import pmoe  # noqa: E402
 from pmoe.reference import reference_conv2d, reference_patches  # noqa: E402
 from pmoe.routing import select_top_l  # noqa: E402
-from helpers import grads as _grads, params as _params, rel_err  # noqa: E402
+from helpers import check_deterministic, grads as _grads, params as _params, rel_err  # noqa: E402
 
 F64 = torch.float64
 TOL = 1e-4
@@ -216,17 +216,8 @@ def test_deterministic_bit_identical(combine):
     with torch.no_grad():
         router[1] = router[0]  # shared patches: the accumulation order matters
     x = torch.randn(2, 2, 8, 8, requires_grad=True)
-    params = [x, router, weight, b]
-    runs = []
-    for _ in range(2):
-        y, _ = _conv(x, router, weight, b, 2, 6, combine, "softmax_all", "silu", det=True)
-        runs.append([y] + list(_grads(y, params)))
-    for a, c in zip(*runs):
-        assert torch.equal(a, c)
-    y_nd, _ = _conv(x, router, weight, b, 2, 6, combine, "softmax_all", "silu", det=False)
-    assert rel_err(y_nd, runs[0][0]) < 1e-6
-    for a, c in zip(_grads(y_nd, params), runs[0][1:]):
-        assert rel_err(a, c) < 1e-5
+    check_deterministic(lambda det: _conv(x, router, weight, b, 2, 6, combine, "softmax_all", "silu", det=det)[0],
+                        [x, router, weight, b])
 
 
 def test_routing_gates_and_fp32_buffers_not_leaked():

@@ -18,7 +18,7 @@ import pmoe
 from pmoe.functional import pmoe_conv2d_pooled, pmoe_pooled
 from pmoe.models import PMoEClassifier
 from pmoe.reference import reference_conv2d, reference_patches
-from helpers import grads as _grads, params as _params, rel_err
+from helpers import check_deterministic, grads as _grads, params as _params, rel_err
 
 TOL = 1e-4
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,17 +119,8 @@ def test_deterministic_bit_identical(backend, combine):
     with torch.no_grad():
         router[1] = router[0]  # shared patches: the accumulation order matters
     x = torch.randn(3, 2, 8, 8, requires_grad=True)
-    params = [x, router, weight, b]
-    runs = []
-    for _ in range(2):
-        y, _ = _pooled(x, router, weight, b, 2, 6, combine, "softmax_all", backend, det=True, activation="silu")
-        runs.append([y] + list(_grads(y, params)))
-    for a, c in zip(*runs):
-        assert torch.equal(a, c)
-    y_nd, _ = _pooled(x, router, weight, b, 2, 6, combine, "softmax_all", backend, det=False, activation="silu")
-    assert rel_err(y_nd, runs[0][0]) < 1e-6
-    for a, c in zip(_grads(y_nd, params), runs[0][1:]):
-        assert rel_err(a, c) < 1e-5
+    check_deterministic(lambda det: _pooled(x, router, weight, b, 2, 6, combine, "softmax_all", backend, det=det,
+                                            activation="silu")[0], [x, router, weight, b])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
