@@ -4,10 +4,11 @@ Forward: the patch rows (one copy of the input, in (p, p, C) feature order; none
 channels-last input with p = 1), one batched matmul for all routing scores, one top-k (or sort)
 for the selection, then each expert's GEMM over its B*l chosen rows of the whole batch, gathered
 with one index_select, and one scatter of the gated results into the output (pooled: one sum
-over the chosen rows).  No Python loop over images or patches.  On CPU (float32, bfloat16,
-m >= 32) the experts run one at a time as oneDNN 1x1 convolutions, whose AVX-512 kernels run on
-every x86 vendor (MKL's sgemm, behind bmm, falls back to slower code on some), each expert's
-gathered rows used while in cache; otherwise all experts run in one bmm.
+over the chosen rows).  No Python loop over images or patches.  All experts' GEMMs run in one
+bmm, except on a CPU whose bmm is slow (not Intel: MKL's sgemm falls back to slower code there)
+for large experts (float32 or bfloat16, m >= 32): those run one at a time as oneDNN 1x1
+convolutions, whose AVX-512 kernels run on every x86 vendor, each expert's gathered rows used
+while in cache (see _onednn).
 
 Backward: a custom autograd.Function (_RoutedExperts) with a hand-written backward.  It keeps the
 patch rows, the chosen rows' numbers, the gates and the experts' pre-activations (B*k*l*m
@@ -66,10 +67,15 @@ def routing_scores(xp: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
     if autocast_dtype(xp.device.type) is not None:
         dt = torch.promote_types(xp.dtype, router.dtype)
         with torch.autocast(xp.device.type, enabled=False):
-            return torch.matmul(router.to(dt), xp.to(dt).transpose(1, 2))
-    # router @ xp^T: (B, k, n) comes out contiguous for the selection, and with the k router rows
-    # as the GEMM's short side it is the faster orientation on CPU
-    return torch.matmul(router, xp.transpose(1, 2))
+            return _scores(xp.to(dt), router.to(dt))
+    return _scores(xp, router)
+
+
+def _scores(xp: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+    """router @ xp^T per image, one bmm: (B, k, n) comes out contiguous for the selection, with
+    the k router rows as each GEMM's short side.  Not matmul, which folds the batch into one
+    (B*n, d) x (d, k) mm: 1.6x slower on CPU at WRN-pMoE's shape (0.77 against 0.47 ms)."""
+    return torch.bmm(router.unsqueeze(0).expand(xp.shape[0], *router.shape), xp.transpose(1, 2))
 
 
 def patches_from_map(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -155,20 +161,42 @@ def _hook_range(node, name: str) -> None:
 # ---------------------------------------------------------------- the expert GEMMs
 
 
+def _cpu_vendor() -> str:
+    """The x86 vendor string of this CPU ("GenuineIntel", "AuthenticAMD"), "" where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 _MKLDNN = torch.backends.mkldnn.is_available()  # read once: torch.compile cannot trace the query
+# bmm on an Intel CPU runs fast kernels (MKL's sgemm for float32; oneDNN's matmul for bfloat16,
+# 2x the per-expert convolutions on a Xeon with AMX); on other vendors float32 bmm was measured
+# at half of oneDNN's speed (an AMD EPYC: MKL picks slower code there), so big experts go to
+# oneDNN's convolutions there.
+_BMM_FAST = _cpu_vendor() == "GenuineIntel"
 _ONEDNN_MIN_M = 32  # oneDNN's 1x1 kernels block output channels by 16 to 64
 _ONEDNN_MIN_WEIGHT = 32768  # d*m per expert: below it, oneDNN's setup per call outweighs its speed
 
 
 def _onednn(t: torch.Tensor, m: int, d: int) -> bool:
     """Whether the expert GEMMs on t, (d -> m) each, run one expert at a time as 1x1 convolutions
-    (oneDNN) rather than all at once as one bmm.  On CPU oneDNN keeps AVX-512 kernels on every
-    x86 vendor, where MKL's sgemm may not; for small GEMMs its setup per call, and the per-expert
-    ops around it, cost more than it saves (small experts, such as m = 20 or 64 with d = 128, run
-    faster as one bmm; large ones, m >= 128 with d >= 640, as convolutions).  Decided by device,
-    dtype and the parameter shapes only, never by the batch, so that an exported graph holds for
+    (oneDNN) rather than all at once as one bmm.
+
+    One bmm is the default: one op for all experts, so a multi-threaded run wakes its threads
+    once, not once per expert for each of the gather, GEMM, activation and placement (on a
+    2-core machine the per-expert route ran barely faster at 2 threads than at 1).  The
+    exception is a CPU whose bmm is slow (not Intel, see _BMM_FAST), in float32 or bfloat16:
+    there oneDNN's AVX-512 kernels win for large experts (m >= 32 and d*m >= 32768: the WRN-pMoE
+    and large bench layers); for small ones (m = 20 or 64 with d = 128) its setup per call and
+    the per-expert ops around it cost more than it saves.  Decided by device, dtype, the CPU
+    and the parameter shapes only, never by the batch, so that an exported graph holds for
     every batch size."""
-    return (_MKLDNN and t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
+    return (_MKLDNN and not _BMM_FAST and t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
             and m >= _ONEDNN_MIN_M and d * m >= _ONEDNN_MIN_WEIGHT)
 
 

@@ -107,12 +107,28 @@ def test_activation_backward_matches_reference(gemm, activation):
         assert rel_err(a, b) < TOL
 
 
+@pytest.mark.parametrize("bmm_fast", [False, True])
+def test_expert_gemm_route_rule(monkeypatch, bmm_fast):
+    """One bmm for all experts unless the CPU's bmm is slow (not Intel), and then only for big
+    float32/bfloat16 experts; never by the batch (an exported graph holds for every batch)."""
+    monkeypatch.setattr(TB, "_BMM_FAST", bmm_fast)
+    big = not bmm_fast and TB._MKLDNN
+    for dtype in (torch.float32, torch.bfloat16):
+        t = torch.empty(0, dtype=dtype)
+        assert TB._onednn(t, 160, 640) == big  # WRN-pMoE's experts
+        assert TB._onednn(t, 128, 1024) == big  # the large layer's
+        assert not TB._onednn(t, 20, 784)  # the paper's MNIST experts: too thin
+        assert not TB._onednn(t, 64, 128)
+    assert not TB._onednn(torch.empty(0, dtype=F64), 160, 640)
+    assert TB._cpu_vendor() == TB._cpu_vendor() and isinstance(TB._cpu_vendor(), str)
+
+
 @pytest.mark.parametrize("pooled", [False, True])
-def test_float32_onednn_route_matches_reference(pooled):
-    """float32 with large enough experts: the route the big benchmark layers take on CPU,
-    unforced, against float64."""
+def test_float32_big_experts_route_matches_reference(pooled):
+    """float32 with large enough experts: the route the big benchmark layers take on this CPU
+    (one bmm on an Intel CPU, oneDNN convolutions elsewhere), unforced, against float64."""
     router, weight, bias = _params(64, 2, 4, 128, bias=True, dtype=torch.float32)
-    assert TB._onednn(weight, 128, 256) == TB._MKLDNN
+    assert TB._onednn(weight, 128, 256) == (TB._MKLDNN and not TB._BMM_FAST)
     x = torch.randn(4, 64, 8, 8)
     params = [t.requires_grad_() for t in (x, router, weight, bias)]
     y, r = _call(x, router, weight, bias, 2, 6, "concat", "softmax", pooled=pooled)
