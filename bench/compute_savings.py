@@ -28,9 +28,9 @@ import sys
 import time
 from typing import Callable, Iterable, Optional
 
-from omp_wait import passive_omp_wait  # noqa: E402
+from omp_wait import choose_omp_wait  # noqa: E402
 
-passive_omp_wait()  # before torch starts its OpenMP runtime (see bench/omp_wait.py)
+choose_omp_wait()  # before torch starts its OpenMP runtime (see bench/omp_wait.py)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -1,6 +1,6 @@
 """Suite-wide setup for `pytest bench --benchmark-only`: machine/version info in the JSON, the
 bench directory importable as plain modules (the scripts import each other that way), and
-OMP_WAIT_POLICY=PASSIVE unless it is set (see omp_wait.py).  The thread counts
+OMP_WAIT_POLICY=PASSIVE on a shared CPU unless it is set (see omp_wait.py).  The thread counts
 (PMOE_BENCH_THREADS, default "1,2") are a parameter of the suite's tests."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ _BENCH = os.path.dirname(os.path.abspath(__file__))
 if _BENCH not in sys.path:
     sys.path.insert(0, _BENCH)
 
-from omp_wait import passive_omp_wait  # noqa: E402  (before torch starts its OpenMP runtime)
+from omp_wait import choose_omp_wait  # noqa: E402  (before torch starts its OpenMP runtime)
 
-passive_omp_wait()
+choose_omp_wait()
 
 import torch  # noqa: E402
 

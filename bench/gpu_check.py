@@ -53,9 +53,9 @@ from typing import Callable, Optional
 
 _BENCH = os.path.dirname(os.path.abspath(__file__))
 
-from omp_wait import passive_omp_wait  # noqa: E402  (before torch starts its OpenMP runtime)
+from omp_wait import choose_omp_wait  # noqa: E402  (before torch starts its OpenMP runtime)
 
-passive_omp_wait()
+choose_omp_wait()
 
 import torch  # noqa: E402
 

@@ -73,7 +73,8 @@ def machine_summary(data: dict) -> str:
     if extra:
         return (f"Machine: {extra.get('device')} ({extra.get('device_type')}, {extra.get('cpu_count')} CPUs), "
                 f"torch {extra.get('torch')}, triton {extra.get('triton')}, CUDA {extra.get('cuda')}, "
-                f"run {data.get('datetime', extra.get('date', '?'))}{load_summary(data)}")
+                f"run {data.get('datetime', extra.get('date', '?'))}{load_summary(data)}, "
+                f"OMP_WAIT_POLICY={extra.get('omp_wait_policy') or 'unset (OpenMP default)'}")
     return f"Machine: {info.get('cpu', {}).get('brand_raw', info.get('machine', '?'))}{load_summary(data)}"
 
 

@@ -14,8 +14,9 @@ CPU: fp32 at each shape's cpu_batch, with torch's thread count set to each of
 PMOE_BENCH_THREADS (comma-separated, default "1,2": the README tables show both).  Each test
 runs rounds for about PMOE_BENCH_SECONDS (default 8) after two warm-up rounds, at least
 PMOE_BENCH_MIN_ROUNDS (default 18) and at most about 400, a multiple of the number of orders.
-OMP_WAIT_POLICY is PASSIVE unless set (bench/conftest.py, bench/omp_wait.py: on a CPU shared
-with other work the default wait costs a multi-threaded run a scheduler slice per op).
+OMP_WAIT_POLICY is PASSIVE on a shared CPU unless set (bench/conftest.py, bench/omp_wait.py:
+there the default wait costs a multi-threaded run a scheduler slice per op; on an idle CPU the
+default stays).
 CUDA: bf16/fp16/fp32 at gpu_batch, with the Triton rows; each timed call ends in a synchronize.
 """
 from __future__ import annotations

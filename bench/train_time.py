@@ -26,9 +26,9 @@ import statistics
 import sys
 import time
 
-from omp_wait import passive_omp_wait  # noqa: E402
+from omp_wait import choose_omp_wait  # noqa: E402
 
-passive_omp_wait()  # before torch starts its OpenMP runtime (see bench/omp_wait.py)
+choose_omp_wait()  # before torch starts its OpenMP runtime (see bench/omp_wait.py)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -315,3 +315,22 @@ def test_ratios_table(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     # dense, masking, torch, triton ms; torch/dense, masking/dense, triton/torch, triton/dense
     assert cells[3:] == ["2000.000", "3000.000", "1000.000", "500.000", "0.50", "1.50", "0.50", "0.25"]
+
+
+@pytest.mark.parametrize("load, unset, expected", [(0.3, True, ""), (2.0, True, "PASSIVE"), (5.0, False, "ACTIVE")])
+def test_omp_wait_policy_passive_only_on_a_shared_cpu(monkeypatch, load, unset, expected):
+    """PASSIVE where other work keeps every core busy, OpenMP's default on an idle CPU, and a
+    policy the environment sets is kept; the machine summary names the policy in force."""
+    import omp_wait
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.delitem(sys.modules, "torch")  # as if torch had not started its OpenMP runtime yet
+    if unset:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert omp_wait.choose_omp_wait() == expected
+    assert os.environ.get("OMP_WAIT_POLICY", "") == expected
+    summary = ratios.machine_summary({"machine_info": {"pmoe": {"omp_wait_policy": expected}}})
+    assert summary.endswith(f"OMP_WAIT_POLICY={expected or 'unset (OpenMP default)'}")
