@@ -4,11 +4,11 @@ Forward: the patch rows (one copy of the input, in (p, p, C) feature order; none
 channels-last input with p = 1), one batched matmul for all routing scores, one top-k (or sort)
 for the selection, then each expert's GEMM over its B*l chosen rows of the whole batch, gathered
 with one index_select, and one scatter of the gated results into the output (pooled: one sum
-over the chosen rows).  No Python loop over images or patches.  All experts' GEMMs run in one
-bmm, except on a CPU whose bmm is slow (not Intel: MKL's sgemm falls back to slower code there)
-for large experts (float32 or bfloat16, m >= 32): those run one at a time as oneDNN 1x1
-convolutions, whose AVX-512 kernels run on every x86 vendor, each expert's gathered rows used
-while in cache (see _onednn).
+over the chosen rows).  No Python loop over images or patches.  On CPU (float32, bfloat16,
+m >= 32) the experts run one at a time as oneDNN 1x1 convolutions, whose AVX-512 kernels run on
+every x86 vendor (MKL's sgemm, behind bmm, falls back to slower code on some), each expert's
+gathered rows used while in cache; otherwise, and where OpenMP threads sleep between ops, all
+experts run in one bmm (see _onednn).
 
 Backward: a custom autograd.Function (_RoutedExperts) with a hand-written backward.  It keeps the
 patch rows, the chosen rows' numbers, the gates and the experts' pre-activations (B*k*l*m
@@ -30,6 +30,7 @@ _backward_ranges).  Off, nothing is hooked and each range is the shared no-op.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -161,43 +162,36 @@ def _hook_range(node, name: str) -> None:
 # ---------------------------------------------------------------- the expert GEMMs
 
 
-def _cpu_vendor() -> str:
-    """The x86 vendor string of this CPU ("GenuineIntel", "AuthenticAMD"), "" where unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 _MKLDNN = torch.backends.mkldnn.is_available()  # read once: torch.compile cannot trace the query
-# bmm on an Intel CPU runs fast kernels (MKL's sgemm for float32; oneDNN's matmul for bfloat16,
-# 2x the per-expert convolutions on a Xeon with AMX); on other vendors float32 bmm was measured
-# at half of oneDNN's speed (an AMD EPYC: MKL picks slower code there), so big experts go to
-# oneDNN's convolutions there.
-_BMM_FAST = _cpu_vendor() == "GenuineIntel"
+# read once, as the OpenMP runtime reads it at start: whether idle OpenMP threads sleep at once
+_PASSIVE_OMP = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
 _ONEDNN_MIN_M = 32  # oneDNN's 1x1 kernels block output channels by 16 to 64
 _ONEDNN_MIN_WEIGHT = 32768  # d*m per expert: below it, oneDNN's setup per call outweighs its speed
+
+
+def _threads_sleep_between_ops() -> bool:
+    """Whether every parallel op wakes sleeping threads: OMP_WAIT_POLICY=PASSIVE with more than one
+    torch thread.  False while torch.compile traces (it cannot trace the thread count)."""
+    return _PASSIVE_OMP and not torch.compiler.is_compiling() and torch.get_num_threads() > 1
 
 
 def _onednn(t: torch.Tensor, m: int, d: int) -> bool:
     """Whether the expert GEMMs on t, (d -> m) each, run one expert at a time as 1x1 convolutions
     (oneDNN) rather than all at once as one bmm.
 
-    One bmm is the default: one op for all experts, so a multi-threaded run wakes its threads
-    once, not once per expert for each of the gather, GEMM, activation and placement (on a
-    2-core machine the per-expert route ran barely faster at 2 threads than at 1).  The
-    exception is a CPU whose bmm is slow (not Intel, see _BMM_FAST), in float32 or bfloat16:
-    there oneDNN's AVX-512 kernels win for large experts (m >= 32 and d*m >= 32768: the WRN-pMoE
-    and large bench layers); for small ones (m = 20 or 64 with d = 128) its setup per call and
-    the per-expert ops around it cost more than it saves.  Decided by device, dtype, the CPU
-    and the parameter shapes only, never by the batch, so that an exported graph holds for
-    every batch size."""
-    return (_MKLDNN and not _BMM_FAST and t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
-            and m >= _ONEDNN_MIN_M and d * m >= _ONEDNN_MIN_WEIGHT)
+    On CPU oneDNN keeps AVX-512 kernels on every x86 vendor, where MKL's sgemm (behind bmm) may
+    not (on an AMD EPYC it ran at half the speed); on an Intel Xeon the two were even on one
+    thread, oneDNN 1-15% ahead.  For small GEMMs its setup per call, and the per-expert ops
+    around it, cost more than it saves (small experts, such as m = 20 or 64 with d = 128, run
+    faster as one bmm; large ones, m >= 128 with d >= 640, as convolutions).
+    Except where threads sleep between ops (see _threads_sleep_between_ops): there each of the
+    per-expert route's five parallel ops per expert (gather, GEMM, activation, gate, placement)
+    wakes them, and one bmm for all experts ran 0.75-0.95x its time at 2 threads (WRN-pMoE and
+    large, forward and forward+backward, on the Xeon).
+    Decided by device, dtype, the parameter shapes and the threading only, never by the batch,
+    so that an exported graph holds for every batch size."""
+    return (_MKLDNN and t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
+            and m >= _ONEDNN_MIN_M and d * m >= _ONEDNN_MIN_WEIGHT and not _threads_sleep_between_ops())
 
 
 def _as_nhwc(rows: torch.Tensor, l: int) -> torch.Tensor:
@@ -359,6 +353,16 @@ def _blocks(t: torch.Tensor, k: int, m: int, d: int) -> list:
     return [(s, s + 1) for s in range(k)] if _onednn(t, m, d) else [(0, k)]
 
 
+def _forward_blocks(pres: list) -> list:
+    """The blocks the forward ran, from its pre-activations (one (kb, R, m) tensor a block): the
+    backward follows them even if the route would differ now (the thread count changed)."""
+    bounds, s0 = [], 0
+    for pre in pres:
+        bounds.append((s0, s0 + pre.shape[0]))
+        s0 += pre.shape[0]
+    return bounds
+
+
 class _RoutedExperts(torch.autograd.Function):
     """Gates, expert GEMMs and combine for a given selection: (xr, router, weight, bias, sel, lse)
     -> (the layer's output, gates (B, k, l)).
@@ -426,7 +430,7 @@ def _experts_backward(dy, xr, router, weight, bias, g, rows, pres, o: _Call, nee
     dy = dy.to(cdt)
     dx = xr.new_zeros(xr.shape, dtype=acc) if need_x else None
     parts = []  # per block: (d router, d weight, d bias, d lse)
-    for (s0, s1), pre in zip(_blocks(pres[0], k, w.shape[1], w.shape[2]), pres):
+    for (s0, s1), pre in zip(_forward_blocks(pres), pres):
         parts.append(_block_backward(dy, xr, r_o[s0:s1], w[s0:s1], pre, g[:, s0:s1], rows[s0:s1], s0, k, o, dx,
                                      need_r, need_w, need_b))
     dr, dw, db, dlse = zip(*parts)

@@ -107,28 +107,49 @@ def test_activation_backward_matches_reference(gemm, activation):
         assert rel_err(a, b) < TOL
 
 
-@pytest.mark.parametrize("bmm_fast", [False, True])
-def test_expert_gemm_route_rule(monkeypatch, bmm_fast):
-    """One bmm for all experts unless the CPU's bmm is slow (not Intel), and then only for big
-    float32/bfloat16 experts; never by the batch (an exported graph holds for every batch)."""
-    monkeypatch.setattr(TB, "_BMM_FAST", bmm_fast)
-    big = not bmm_fast and TB._MKLDNN
-    for dtype in (torch.float32, torch.bfloat16):
-        t = torch.empty(0, dtype=dtype)
-        assert TB._onednn(t, 160, 640) == big  # WRN-pMoE's experts
-        assert TB._onednn(t, 128, 1024) == big  # the large layer's
-        assert not TB._onednn(t, 20, 784)  # the paper's MNIST experts: too thin
-        assert not TB._onednn(t, 64, 128)
-    assert not TB._onednn(torch.empty(0, dtype=F64), 160, 640)
-    assert TB._cpu_vendor() == TB._cpu_vendor() and isinstance(TB._cpu_vendor(), str)
+@pytest.mark.parametrize("passive, threads", [(False, 2), (True, 1), (True, 2)])
+def test_expert_gemm_route_rule(monkeypatch, passive, threads):
+    """Big float32/bfloat16 experts run as oneDNN convolutions, except where OpenMP threads sleep
+    between ops (PASSIVE, more than one thread): one bmm then; small experts always one bmm;
+    never decided by the batch (an exported graph holds for every batch)."""
+    monkeypatch.setattr(TB, "_PASSIVE_OMP", passive)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        big = TB._MKLDNN and not (passive and threads > 1)
+        for dtype in (torch.float32, torch.bfloat16):
+            t = torch.empty(0, dtype=dtype)
+            assert TB._onednn(t, 160, 640) == big  # WRN-pMoE's experts
+            assert TB._onednn(t, 128, 1024) == big  # the large layer's
+            assert not TB._onednn(t, 20, 784)  # the paper's MNIST experts: too thin
+            assert not TB._onednn(t, 64, 128)
+        assert not TB._onednn(torch.empty(0, dtype=F64), 160, 640)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_backward_follows_the_forward_blocks_when_the_route_changes(monkeypatch):
+    """The route depends on the threading, which may change between forward and backward: the
+    backward runs the forward's blocks (per expert, or all in one), gradients unchanged."""
+    router, weight, bias = _params(4, 1, 4, 40, bias=True)
+    x = torch.randn(3, 4, 4, 4, dtype=F64)
+    params = [t.requires_grad_() for t in (x, router, weight, bias)]
+    y_ref, _, _ = reference_conv2d(*params, 1, 5, "concat", "softmax")
+    g_ref = torch.autograd.grad(y_ref.square().sum(), params)
+    for first in (True, False):
+        monkeypatch.setattr(TB, "_onednn", lambda t, m, d: first)
+        y, _ = _call(x, router, weight, bias, 1, 5, "concat", "softmax")
+        monkeypatch.setattr(TB, "_onednn", lambda t, m, d: not first)
+        for a, b in zip(torch.autograd.grad(y.square().sum(), params), g_ref):
+            assert rel_err(a, b) < TOL
 
 
 @pytest.mark.parametrize("pooled", [False, True])
 def test_float32_big_experts_route_matches_reference(pooled):
-    """float32 with large enough experts: the route the big benchmark layers take on this CPU
-    (one bmm on an Intel CPU, oneDNN convolutions elsewhere), unforced, against float64."""
+    """float32 with large enough experts: the route the big benchmark layers take on CPU,
+    unforced, against float64."""
     router, weight, bias = _params(64, 2, 4, 128, bias=True, dtype=torch.float32)
-    assert TB._onednn(weight, 128, 256) == (TB._MKLDNN and not TB._BMM_FAST)
+    assert TB._onednn(weight, 128, 256) == (TB._MKLDNN and not TB._threads_sleep_between_ops())
     x = torch.randn(4, 64, 8, 8)
     params = [t.requires_grad_() for t in (x, router, weight, bias)]
     y, r = _call(x, router, weight, bias, 2, 6, "concat", "softmax", pooled=pooled)
