@@ -1,6 +1,7 @@
 """Suite-wide setup for `pytest bench --benchmark-only`: machine/version info in the JSON, the
 bench directory importable as plain modules (the scripts import each other that way), and
-OMP_WAIT_POLICY=PASSIVE on a shared CPU unless it is set (see omp_wait.py).  The thread counts
+OMP_WAIT_POLICY=PASSIVE on a shared CPU unless it is set (see omp_wait.py), and freed memory kept by
+the allocator (see allocator.py).  The thread counts
 (PMOE_BENCH_THREADS, default "1,2") are a parameter of the suite's tests."""
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ _BENCH = os.path.dirname(os.path.abspath(__file__))
 if _BENCH not in sys.path:
     sys.path.insert(0, _BENCH)
 
+from allocator import keep_freed_memory  # noqa: E402
 from omp_wait import choose_omp_wait  # noqa: E402  (before torch starts its OpenMP runtime)
 
 choose_omp_wait()
+_FREED_MEMORY = keep_freed_memory()
 
 import torch  # noqa: E402
 
@@ -28,6 +31,7 @@ def _machine() -> dict:
     info = machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     info["loadavg"] = [round(v, 2) for v in os.getloadavg()]
     info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
+    info["freed_memory"] = _FREED_MEMORY
     return info
 
 

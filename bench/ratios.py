@@ -74,7 +74,8 @@ def machine_summary(data: dict) -> str:
         return (f"Machine: {extra.get('device')} ({extra.get('device_type')}, {extra.get('cpu_count')} CPUs), "
                 f"torch {extra.get('torch')}, triton {extra.get('triton')}, CUDA {extra.get('cuda')}, "
                 f"run {data.get('datetime', extra.get('date', '?'))}{load_summary(data)}, "
-                f"OMP_WAIT_POLICY={extra.get('omp_wait_policy') or 'unset (OpenMP default)'}")
+                f"OMP_WAIT_POLICY={extra.get('omp_wait_policy') or 'unset (OpenMP default)'}, "
+                f"freed memory: {extra.get('freed_memory', '?')} (bench/allocator.py)")
     return f"Machine: {info.get('cpu', {}).get('brand_raw', info.get('machine', '?'))}{load_summary(data)}"
 
 

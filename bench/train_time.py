@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 
+from allocator import keep_freed_memory  # noqa: E402
 from omp_wait import choose_omp_wait  # noqa: E402
 
 choose_omp_wait()  # before torch starts its OpenMP runtime (see bench/omp_wait.py)
@@ -176,6 +177,7 @@ def main(argv=None) -> int:
                     help="run both networks and the data in torch.channels_last instead of NCHW")
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     args = ap.parse_args(argv)
+    freed = keep_freed_memory()  # see bench/allocator.py
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -198,8 +200,8 @@ def main(argv=None) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     print(machine_line(device))
-    print(f"# OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')} (bench/omp_wait.py); "
-          f"1-min load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"# OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')} (bench/omp_wait.py); freed memory: "
+          f"{freed} (bench/allocator.py); 1-min load average {os.getloadavg()[0]:.1f} at the end")
     print(f"# data: {source}, {args.n_train} train / {args.n_test} test; SGD lr {args.lr} momentum 0.9, "
           f"batch {args.batch}, target test accuracy {args.target}, "
           f"{'channels-last' if args.channels_last else 'NCHW'}")

@@ -7,8 +7,8 @@ with one index_select, and one scatter of the gated results into the output (poo
 over the chosen rows).  No Python loop over images or patches.  On CPU (float32, bfloat16,
 m >= 32) the experts run one at a time as oneDNN 1x1 convolutions, whose AVX-512 kernels run on
 every x86 vendor (MKL's sgemm, behind bmm, falls back to slower code on some), each expert's
-gathered rows used while in cache; otherwise, and where OpenMP threads sleep between ops, all
-experts run in one bmm (see _onednn).
+gathered rows used while in cache; otherwise, and on an Intel CPU with more than one thread or
+in bfloat16, all experts run in one bmm (see _onednn).
 
 Backward: a custom autograd.Function (_RoutedExperts) with a hand-written backward.  It keeps the
 patch rows, the chosen rows' numbers, the gates and the experts' pre-activations (B*k*l*m
@@ -30,7 +30,6 @@ _backward_ranges).  Off, nothing is hooked and each range is the shared no-op.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -162,36 +161,50 @@ def _hook_range(node, name: str) -> None:
 # ---------------------------------------------------------------- the expert GEMMs
 
 
+def _cpu_vendor() -> str:
+    """The x86 vendor string of this CPU ("GenuineIntel", "AuthenticAMD"), "" where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 _MKLDNN = torch.backends.mkldnn.is_available()  # read once: torch.compile cannot trace the query
-# read once, as the OpenMP runtime reads it at start: whether idle OpenMP threads sleep at once
-_PASSIVE_OMP = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+_INTEL = _cpu_vendor() == "GenuineIntel"  # where bmm (MKL's sgemm; oneDNN's matmul for bf16) is fast
 _ONEDNN_MIN_M = 32  # oneDNN's 1x1 kernels block output channels by 16 to 64
 _ONEDNN_MIN_WEIGHT = 32768  # d*m per expert: below it, oneDNN's setup per call outweighs its speed
 
 
-def _threads_sleep_between_ops() -> bool:
-    """Whether every parallel op wakes sleeping threads: OMP_WAIT_POLICY=PASSIVE with more than one
-    torch thread.  False while torch.compile traces (it cannot trace the thread count)."""
-    return _PASSIVE_OMP and not torch.compiler.is_compiling() and torch.get_num_threads() > 1
+def _threads() -> int:
+    """torch's CPU thread count; 1 while torch.compile traces (it cannot trace the query)."""
+    return 1 if torch.compiler.is_compiling() else torch.get_num_threads()
 
 
 def _onednn(t: torch.Tensor, m: int, d: int) -> bool:
     """Whether the expert GEMMs on t, (d -> m) each, run one expert at a time as 1x1 convolutions
     (oneDNN) rather than all at once as one bmm.
 
-    On CPU oneDNN keeps AVX-512 kernels on every x86 vendor, where MKL's sgemm (behind bmm) may
-    not (on an AMD EPYC it ran at half the speed); on an Intel Xeon the two were even on one
-    thread, oneDNN 1-15% ahead.  For small GEMMs its setup per call, and the per-expert ops
-    around it, cost more than it saves (small experts, such as m = 20 or 64 with d = 128, run
-    faster as one bmm; large ones, m >= 128 with d >= 640, as convolutions).
-    Except where threads sleep between ops (see _threads_sleep_between_ops): there each of the
-    per-expert route's five parallel ops per expert (gather, GEMM, activation, gate, placement)
-    wakes them, and one bmm for all experts ran 0.75-0.95x its time at 2 threads (WRN-pMoE and
-    large, forward and forward+backward, on the Xeon).
-    Decided by device, dtype, the parameter shapes and the threading only, never by the batch,
-    so that an exported graph holds for every batch size."""
-    return (_MKLDNN and t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
-            and m >= _ONEDNN_MIN_M and d * m >= _ONEDNN_MIN_WEIGHT and not _threads_sleep_between_ops())
+    Small experts (m < 32 or d*m < 32768, such as m = 20 or 64 with d = 128) always run as one
+    bmm: oneDNN's setup per call, and the per-expert ops around it, cost more than it saves.
+    Big ones (the WRN-pMoE and large bench layers), in float32 or bfloat16 on CPU, run as oneDNN
+    convolutions, whose AVX-512 kernels run on every x86 vendor, where MKL's sgemm (behind bmm)
+    may not (on an AMD EPYC it ran at half the speed).  Except on an Intel CPU, measured on a
+    Xeon with AMX, paired against the dense conv in the benchmark's rounds:
+    - with more than one thread, one bmm ran 0.85-0.97x the per-expert route's time (WRN-pMoE and
+      large, forward and forward+backward, 2 threads; 0.75-0.95x with OMP_WAIT_POLICY=PASSIVE),
+      since the per-expert route's five parallel ops per expert (gather, GEMM, activation,
+      gate, placement) each wake the threads; on one thread it ran 0.95-1.14x, so oneDNN stays;
+    - in bfloat16, bmm (oneDNN's matmul, on AMX) ran the GEMMs in half the convolutions' time.
+    Decided by device, dtype, the CPU, the thread count and the parameter shapes, never by the
+    batch, so that an exported graph holds for every batch size (the backward follows the
+    forward's blocks whatever the thread count is then: _forward_blocks)."""
+    big = (_MKLDNN and t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
+           and m >= _ONEDNN_MIN_M and d * m >= _ONEDNN_MIN_WEIGHT)
+    return big and not (_INTEL and (t.dtype == torch.bfloat16 or _threads() > 1))
 
 
 def _as_nhwc(rows: torch.Tensor, l: int) -> torch.Tensor:

@@ -332,5 +332,19 @@ def test_omp_wait_policy_passive_only_on_a_shared_cpu(monkeypatch, load, unset, 
         monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert omp_wait.choose_omp_wait() == expected
     assert os.environ.get("OMP_WAIT_POLICY", "") == expected
-    summary = ratios.machine_summary({"machine_info": {"pmoe": {"omp_wait_policy": expected}}})
-    assert summary.endswith(f"OMP_WAIT_POLICY={expected or 'unset (OpenMP default)'}")
+    summary = ratios.machine_summary({"machine_info": {"pmoe": {"omp_wait_policy": expected, "freed_memory": "kept"}}})
+    assert f"OMP_WAIT_POLICY={expected or 'unset (OpenMP default)'}, freed memory: kept" in summary
+
+
+def test_keep_freed_memory_leaves_a_set_allocator_alone(monkeypatch):
+    """A MALLOC_* variable in the environment is the user's choice and stays; off glibc's Linux
+    there is nothing to set.  (Not called for real here: it would change this test process.)"""
+    import allocator
+
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert allocator.keep_freed_memory() == "environment"
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    for name in [k for k in os.environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert allocator.keep_freed_memory() == "unsupported"

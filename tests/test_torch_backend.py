@@ -107,25 +107,22 @@ def test_activation_backward_matches_reference(gemm, activation):
         assert rel_err(a, b) < TOL
 
 
-@pytest.mark.parametrize("passive, threads", [(False, 2), (True, 1), (True, 2)])
-def test_expert_gemm_route_rule(monkeypatch, passive, threads):
-    """Big float32/bfloat16 experts run as oneDNN convolutions, except where OpenMP threads sleep
-    between ops (PASSIVE, more than one thread): one bmm then; small experts always one bmm;
-    never decided by the batch (an exported graph holds for every batch)."""
-    monkeypatch.setattr(TB, "_PASSIVE_OMP", passive)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        big = TB._MKLDNN and not (passive and threads > 1)
-        for dtype in (torch.float32, torch.bfloat16):
-            t = torch.empty(0, dtype=dtype)
-            assert TB._onednn(t, 160, 640) == big  # WRN-pMoE's experts
-            assert TB._onednn(t, 128, 1024) == big  # the large layer's
-            assert not TB._onednn(t, 20, 784)  # the paper's MNIST experts: too thin
-            assert not TB._onednn(t, 64, 128)
-        assert not TB._onednn(torch.empty(0, dtype=F64), 160, 640)
-    finally:
-        torch.set_num_threads(old)
+@pytest.mark.parametrize("intel, threads", [(False, 1), (False, 2), (True, 1), (True, 2)])
+def test_expert_gemm_route_rule(monkeypatch, intel, threads):
+    """Big float32/bfloat16 experts run as oneDNN convolutions, except on an Intel CPU with more
+    than one thread, or in bfloat16 there: one bmm then; small experts always one bmm; never
+    decided by the batch (an exported graph holds for every batch)."""
+    monkeypatch.setattr(TB, "_INTEL", intel)
+    monkeypatch.setattr(TB, "_threads", lambda: threads)
+    for dtype in (torch.float32, torch.bfloat16):
+        big = TB._MKLDNN and not (intel and (threads > 1 or dtype == torch.bfloat16))
+        t = torch.empty(0, dtype=dtype)
+        assert TB._onednn(t, 160, 640) == big  # WRN-pMoE's experts
+        assert TB._onednn(t, 128, 1024) == big  # the large layer's
+        assert not TB._onednn(t, 20, 784)  # the paper's MNIST experts: too thin
+        assert not TB._onednn(t, 64, 128)
+    assert not TB._onednn(torch.empty(0, dtype=F64), 160, 640)
+    assert TB._cpu_vendor() == TB._cpu_vendor() and isinstance(TB._cpu_vendor(), str)
 
 
 def test_backward_follows_the_forward_blocks_when_the_route_changes(monkeypatch):
@@ -149,7 +146,7 @@ def test_float32_big_experts_route_matches_reference(pooled):
     """float32 with large enough experts: the route the big benchmark layers take on CPU,
     unforced, against float64."""
     router, weight, bias = _params(64, 2, 4, 128, bias=True, dtype=torch.float32)
-    assert TB._onednn(weight, 128, 256) == (TB._MKLDNN and not TB._threads_sleep_between_ops())
+    assert TB._onednn(weight, 128, 256) == (TB._MKLDNN and not (TB._INTEL and TB._threads() > 1))
     x = torch.randn(4, 64, 8, 8)
     params = [t.requires_grad_() for t in (x, router, weight, bias)]
     y, r = _call(x, router, weight, bias, 2, 6, "concat", "softmax", pooled=pooled)

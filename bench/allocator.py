@@ -1,0 +1,37 @@
+"""Freed memory stays with the process during the benchmarks (glibc), unless a MALLOC_* variable
+is set.
+
+glibc serves a large buffer by mmap and unmaps it on free (above a threshold that starts at
+128 KiB), and returns the heap's free top to the OS above another: a layer call that allocates
+its output and temporaries afresh then page-faults them in again.  On the 2-core development VM
+that cost a call several milliseconds, at random, and not the same for every kind of a
+comparison (they allocate different amounts): the PyTorch path's ratio to the dense conv moved
+by up to 0.1 between two runs of the suite (the large layer's forward, one thread, 0.40-0.52).
+With mmap off for allocations and trimming off, freed buffers are reused, as under the caching
+allocators (jemalloc, tcmalloc) that PyTorch's CPU performance guides recommend; two runs then
+agreed within 0.03.  The setting is recorded in the suite's JSON (machine_info "freed_memory").
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
+_M_MMAP_MAX = -4
+
+
+def keep_freed_memory() -> str:
+    """Tell glibc to keep freed memory (no mmap for allocations, no trimming); -> "kept", or why
+    not: "environment" (a MALLOC_* variable is set: yours stays), "unsupported" (not glibc)."""
+    if any(name.startswith("MALLOC_") for name in os.environ):
+        return "environment"
+    if not sys.platform.startswith("linux"):
+        return "unsupported"
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # no libc by that name, or one without mallopt (musl)
+        return "unsupported"
+    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
+    return "kept" if ok else "unsupported"
