@@ -192,12 +192,13 @@ def _onednn(t: torch.Tensor, m: int, d: int) -> bool:
     bmm: oneDNN's setup per call, and the per-expert ops around it, cost more than it saves.
     Big ones (the WRN-pMoE and large bench layers), in float32 or bfloat16 on CPU, run as oneDNN
     convolutions, whose AVX-512 kernels run on every x86 vendor, where MKL's sgemm (behind bmm)
-    may not (on an AMD EPYC it ran at half the speed).  Except on an Intel CPU, measured on a
-    Xeon with AMX, paired against the dense conv in the benchmark's rounds:
-    - with more than one thread, one bmm ran 0.85-0.97x the per-expert route's time (WRN-pMoE and
-      large, forward and forward+backward, 2 threads; 0.75-0.95x with OMP_WAIT_POLICY=PASSIVE),
-      since the per-expert route's five parallel ops per expert (gather, GEMM, activation,
-      gate, placement) each wake the threads; on one thread it ran 0.95-1.14x, so oneDNN stays;
+    may not (on an AMD EPYC it ran at half the speed).  Except on an Intel CPU (measured on a
+    Xeon with AMX; WRN-pMoE and large, forward and forward+backward, both routes timed in the
+    benchmark's rounds beside the dense conv):
+    - with more than one thread, one bmm ran 0.85-0.97x the per-expert route's time at 2 threads
+      (0.75-0.95x with OMP_WAIT_POLICY=PASSIVE, the two routes alternated), since each of the
+      per-expert route's five parallel ops per expert (gather, GEMM, activation, gate,
+      placement) wakes the threads; on one thread it ran 0.95-1.14x, so oneDNN stays there;
     - in bfloat16, bmm (oneDNN's matmul, on AMX) ran the GEMMs in half the convolutions' time.
     Decided by device, dtype, the CPU, the thread count and the parameter shapes, never by the
     batch, so that an exported graph holds for every batch size (the backward follows the
