@@ -5,11 +5,12 @@ glibc serves a large buffer by mmap and unmaps it on free (above a threshold tha
 128 KiB), and returns the heap's free top to the OS above another: a layer call that allocates
 its output and temporaries afresh then page-faults them in again.  On the 2-core development VM
 that cost a call several milliseconds, at random, and not the same for every kind of a
-comparison (they allocate different amounts): the PyTorch path's ratio to the dense conv moved
-by up to 0.1 between two runs of the suite (the large layer's forward, one thread, 0.40-0.52).
-With mmap off for allocations and trimming off, freed buffers are reused, as under the caching
-allocators (jemalloc, tcmalloc) that PyTorch's CPU performance guides recommend; two runs then
-agreed within 0.03.  The setting is recorded in the suite's JSON (machine_info "freed_memory").
+comparison (they allocate different amounts): the large layer's forward (PyTorch path, one
+thread) took 29 and 35 ms in two runs of the suite on the same code, its ratio to the dense
+conv 0.47 and 0.52.  With mmap off for allocations and trimming off, freed buffers are reused,
+as under the caching allocators (jemalloc, tcmalloc) that PyTorch's CPU performance guides
+recommend: 24-26 ms and 0.41-0.45 in three runs.  The setting is recorded in the suite's JSON
+(machine_info "freed_memory").
 """
 from __future__ import annotations
 
