@@ -23,10 +23,19 @@ _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 _M_MMAP_MAX = -4
 
 
+def _user_allocator() -> bool:
+    """Whether the environment already chooses: MALLOC_* variables, glibc malloc tunables, or an
+    allocator preloaded in glibc's place (jemalloc, tcmalloc, mimalloc)."""
+    return (any(name.startswith("MALLOC_") for name in os.environ)
+            or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
+            or any(lib in os.environ.get("LD_PRELOAD", "") for lib in ("jemalloc", "tcmalloc", "mimalloc")))
+
+
 def keep_freed_memory() -> str:
     """Tell glibc to keep freed memory (no mmap for allocations, no trimming); -> "kept", or why
-    not: "environment" (a MALLOC_* variable is set: yours stays), "unsupported" (not glibc)."""
-    if any(name.startswith("MALLOC_") for name in os.environ):
+    not: "environment" (the environment chooses: yours stays, see _user_allocator),
+    "unsupported" (not glibc), "partly" (mmap off, trimming not)."""
+    if _user_allocator():
         return "environment"
     if not sys.platform.startswith("linux"):
         return "unsupported"
@@ -34,5 +43,6 @@ def keep_freed_memory() -> str:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):  # no libc by that name, or one without mallopt (musl)
         return "unsupported"
-    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
-    return "kept" if ok else "unsupported"
+    if mallopt(_M_MMAP_MAX, 0) != 1:
+        return "unsupported"
+    return "kept" if mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1 else "partly"

@@ -7,6 +7,8 @@ import platform
 
 import torch
 
+from pmoe.torch_backend import cpuinfo
+
 
 def _triton_version() -> str:
     try:
@@ -16,23 +18,11 @@ def _triton_version() -> str:
         return "absent"
 
 
-def cpu_model() -> str:
-    """The CPU's model name ("Intel(R) Xeon(R) Processor"), from /proc/cpuinfo; "" where unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     arch = platform.processor() or platform.machine()
-    return f"{cpu_model()} {arch}".strip()
+    return f"{cpuinfo('model name')} {arch}".strip()
 
 
 def machine_info(device: torch.device) -> dict:

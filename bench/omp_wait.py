@@ -23,10 +23,20 @@ import os
 import sys
 
 
-def shared_cpu() -> bool:
-    """Whether other work already keeps every core busy (1-minute load average >= cores)."""
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the platform has one)."""
     try:
-        return os.getloadavg()[0] >= (os.cpu_count() or 1)
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+def shared_cpu() -> bool:
+    """Whether other work already keeps every core busy (1-minute load average >= cores).  The
+    average also counts a benchmark that just finished on this machine: run the next one after
+    a minute's pause, or set the policy, to keep a series of runs under one policy."""
+    try:
+        return os.getloadavg()[0] >= cores()
     except OSError:  # no load average on this platform
         return False
 

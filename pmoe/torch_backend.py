@@ -7,8 +7,9 @@ with one index_select, and one scatter of the gated results into the output (poo
 over the chosen rows).  No Python loop over images or patches.  On CPU (float32, bfloat16,
 m >= 32) the experts run one at a time as oneDNN 1x1 convolutions, whose AVX-512 kernels run on
 every x86 vendor (MKL's sgemm, behind bmm, falls back to slower code on some), each expert's
-gathered rows used while in cache; otherwise, and on an Intel CPU with more than one thread or
-in bfloat16, all experts run in one bmm (see _onednn).
+gathered rows used while in cache; otherwise, and on an Intel CPU with more than one thread
+(float32) or a CPU with bf16 GEMM instructions (bfloat16), all experts run in one bmm (see
+_onednn).
 
 Backward: a custom autograd.Function (_RoutedExperts) with a hand-written backward.  It keeps the
 patch rows, the chosen rows' numbers, the gates and the experts' pre-activations (B*k*l*m
@@ -161,20 +162,23 @@ def _hook_range(node, name: str) -> None:
 # ---------------------------------------------------------------- the expert GEMMs
 
 
-def _cpu_vendor() -> str:
-    """The x86 vendor string of this CPU ("GenuineIntel", "AuthenticAMD"), "" where unknown."""
+def cpuinfo(field: str) -> str:
+    """The first value of `field` in /proc/cpuinfo ("vendor_id" -> "GenuineIntel", "flags", "model
+    name"), "" where there is none (not Linux, not x86)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                name, _, value = line.partition(":")
+                if name.strip() == field:
+                    return value.strip()
     except OSError:
         pass
     return ""
 
 
 _MKLDNN = torch.backends.mkldnn.is_available()  # read once: torch.compile cannot trace the query
-_INTEL = _cpu_vendor() == "GenuineIntel"  # where bmm (MKL's sgemm; oneDNN's matmul for bf16) is fast
+_INTEL = cpuinfo("vendor_id") == "GenuineIntel"  # MKL's sgemm (float32 bmm) runs its fast code
+_BF16_GEMM = bool({"amx_bf16", "avx512_bf16"} & set(cpuinfo("flags").split()))  # bf16 bmm in hardware
 _ONEDNN_MIN_M = 32  # oneDNN's 1x1 kernels block output channels by 16 to 64
 _ONEDNN_MIN_WEIGHT = 32768  # d*m per expert: below it, oneDNN's setup per call outweighs its speed
 
@@ -192,20 +196,25 @@ def _onednn(t: torch.Tensor, m: int, d: int) -> bool:
     bmm: oneDNN's setup per call, and the per-expert ops around it, cost more than it saves.
     Big ones (the WRN-pMoE and large bench layers), in float32 or bfloat16 on CPU, run as oneDNN
     convolutions, whose AVX-512 kernels run on every x86 vendor, where MKL's sgemm (behind bmm)
-    may not (on an AMD EPYC it ran at half the speed).  Except on an Intel CPU (measured on a
-    Xeon with AMX; WRN-pMoE and large, forward and forward+backward, both routes timed in the
-    benchmark's rounds beside the dense conv):
-    - with more than one thread, one bmm ran 0.85-0.97x the per-expert route's time at 2 threads
-      (0.75-0.95x with OMP_WAIT_POLICY=PASSIVE, the two routes alternated), since each of the
-      per-expert route's five parallel ops per expert (gather, GEMM, activation, gate,
-      placement) wakes the threads; on one thread it ran 0.95-1.14x, so oneDNN stays there;
-    - in bfloat16, bmm (oneDNN's matmul, on AMX) ran the GEMMs in half the convolutions' time.
+    may not (on an AMD EPYC it ran at half the speed).  Except, measured on an Intel Xeon with
+    AMX (WRN-pMoE and large, forward and forward+backward, both routes timed in the benchmark's
+    rounds beside the dense conv):
+    - on an Intel CPU with more than one thread, in float32: one bmm ran 0.85-0.97x the
+      per-expert route's time at 2 threads (0.75-0.95x with OMP_WAIT_POLICY=PASSIVE, the two
+      routes alternated), since each of the per-expert route's five parallel ops per expert
+      (gather, GEMM, activation, gate, placement) wakes the threads; on one thread it ran
+      0.95-1.14x, so oneDNN stays there.  torch.compile and torch.export trace the one-thread
+      route (they cannot trace the thread count);
+    - in bfloat16 on a CPU with bf16 GEMM instructions (AMX or AVX512-BF16): bmm (oneDNN's
+      matmul) ran the GEMMs in half the convolutions' time on AMX.
     Decided by device, dtype, the CPU, the thread count and the parameter shapes, never by the
     batch, so that an exported graph holds for every batch size (the backward follows the
     forward's blocks whatever the thread count is then: _forward_blocks)."""
     big = (_MKLDNN and t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
            and m >= _ONEDNN_MIN_M and d * m >= _ONEDNN_MIN_WEIGHT)
-    return big and not (_INTEL and (t.dtype == torch.bfloat16 or _threads() > 1))
+    if t.dtype == torch.bfloat16:
+        return big and not _BF16_GEMM
+    return big and not (_INTEL and _threads() > 1)
 
 
 def _as_nhwc(rows: torch.Tensor, l: int) -> torch.Tensor:
@@ -233,6 +242,8 @@ def expert_gemm_backward(dpre: torch.Tensor, xg: Optional[torch.Tensor], w: torc
     """The gradients of expert_gemm's products: dpre (kb, R, m) -> (d xg (kb, R, d), d w (kb, m, d)),
     each None where not needed.  xg is read for d w only (None otherwise)."""
     kb, R, m = dpre.shape
+    # a one-expert block of a forward that ran oneDNN may run as bmm here if the thread count
+    # changed since: the same products, rounded differently
     if not (kb == 1 and _onednn(dpre, m, w.shape[2])):
         return (torch.bmm(dpre, w) if need_dx else None), (torch.bmm(dpre.transpose(1, 2), xg) if need_dw else None)
     x = xg[0] if need_dw else dpre.new_empty(R, w.shape[2])  # dgrad alone reads only the shape

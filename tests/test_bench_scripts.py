@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -323,13 +324,12 @@ def test_omp_wait_policy_passive_only_on_a_shared_cpu(monkeypatch, load, unset, 
     policy the environment sets is kept; the machine summary names the policy in force."""
     import omp_wait
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(omp_wait, "cores", lambda: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
-    monkeypatch.delitem(sys.modules, "torch")  # as if torch had not started its OpenMP runtime yet
+    monkeypatch.setattr(omp_wait, "sys", types.SimpleNamespace(modules={}))  # torch's OpenMP not started yet
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # recorded, so that the policy set below is undone
     if unset:
-        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    else:
-        monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+        monkeypatch.delenv("OMP_WAIT_POLICY")
     assert omp_wait.choose_omp_wait() == expected
     assert os.environ.get("OMP_WAIT_POLICY", "") == expected
     summary = ratios.machine_summary({"machine_info": {"pmoe": {"omp_wait_policy": expected, "freed_memory": "kept"}}})
@@ -337,14 +337,17 @@ def test_omp_wait_policy_passive_only_on_a_shared_cpu(monkeypatch, load, unset, 
 
 
 def test_keep_freed_memory_leaves_a_set_allocator_alone(monkeypatch):
-    """A MALLOC_* variable in the environment is the user's choice and stays; off glibc's Linux
-    there is nothing to set.  (Not called for real here: it would change this test process.)"""
+    """A MALLOC_* variable, glibc malloc tunables or a preloaded allocator are the user's choice and
+    stay; off glibc's Linux there is nothing to set.  (Not called for real here: it would change
+    this test process.)"""
     import allocator
 
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
-    assert allocator.keep_freed_memory() == "environment"
-    monkeypatch.delenv("MALLOC_ARENA_MAX")
-    for name in [k for k in os.environ if k.startswith("MALLOC_")]:
+    for name in [k for k in os.environ if k.startswith("MALLOC_") or k in ("LD_PRELOAD", "GLIBC_TUNABLES")]:
         monkeypatch.delenv(name)
-    monkeypatch.setattr(sys, "platform", "darwin")
+    for name, value in (("MALLOC_ARENA_MAX", "2"), ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1"),
+                        ("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")):
+        monkeypatch.setenv(name, value)
+        assert allocator.keep_freed_memory() == "environment"
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(allocator.sys, "platform", "darwin")
     assert allocator.keep_freed_memory() == "unsupported"

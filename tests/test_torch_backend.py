@@ -107,22 +107,43 @@ def test_activation_backward_matches_reference(gemm, activation):
         assert rel_err(a, b) < TOL
 
 
-@pytest.mark.parametrize("intel, threads", [(False, 1), (False, 2), (True, 1), (True, 2)])
-def test_expert_gemm_route_rule(monkeypatch, intel, threads):
-    """Big float32/bfloat16 experts run as oneDNN convolutions, except on an Intel CPU with more
-    than one thread, or in bfloat16 there: one bmm then; small experts always one bmm; never
-    decided by the batch (an exported graph holds for every batch)."""
+# (Intel, bf16 GEMM instructions, threads) -> (float32 big experts on oneDNN, bfloat16 ones on oneDNN)
+ROUTES = {
+    (False, False, 1): (True, True), (False, False, 2): (True, True),  # e.g. an AMD EPYC without bf16
+    (False, True, 2): (True, False),  # a CPU with AVX512-BF16, not Intel
+    (True, False, 1): (True, True), (True, False, 2): (False, True),  # an Intel CPU without bf16
+    (True, True, 1): (True, False), (True, True, 2): (False, False),  # an Intel Xeon with AMX
+}
+
+
+@pytest.mark.parametrize("cpu", sorted(ROUTES))
+def test_expert_gemm_route_rule(monkeypatch, cpu):
+    """Big float32/bfloat16 experts run as oneDNN convolutions, except: float32 on an Intel CPU
+    with more than one thread, bfloat16 on a CPU with bf16 GEMM instructions (one bmm then);
+    small experts always one bmm; never decided by the batch."""
+    intel, bf16_gemm, threads = cpu
     monkeypatch.setattr(TB, "_INTEL", intel)
+    monkeypatch.setattr(TB, "_BF16_GEMM", bf16_gemm)
     monkeypatch.setattr(TB, "_threads", lambda: threads)
-    for dtype in (torch.float32, torch.bfloat16):
-        big = TB._MKLDNN and not (intel and (threads > 1 or dtype == torch.bfloat16))
+    for dtype, onednn in zip((torch.float32, torch.bfloat16), ROUTES[cpu]):
         t = torch.empty(0, dtype=dtype)
-        assert TB._onednn(t, 160, 640) == big  # WRN-pMoE's experts
-        assert TB._onednn(t, 128, 1024) == big  # the large layer's
+        assert TB._onednn(t, 160, 640) == (onednn and TB._MKLDNN)  # WRN-pMoE's experts
+        assert TB._onednn(t, 128, 1024) == (onednn and TB._MKLDNN)  # the large layer's
         assert not TB._onednn(t, 20, 784)  # the paper's MNIST experts: too thin
         assert not TB._onednn(t, 64, 128)
     assert not TB._onednn(torch.empty(0, dtype=F64), 160, 640)
-    assert TB._cpu_vendor() == TB._cpu_vendor() and isinstance(TB._cpu_vendor(), str)
+
+
+def test_cpuinfo_reads_a_field(monkeypatch, tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu amx_bf16 avx2\n\n"
+                    "processor\t: 1\nvendor_id\t: GenuineIntel\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path,
+                                                                         *a, **k))
+    assert TB.cpuinfo("vendor_id") == "GenuineIntel"
+    assert TB.cpuinfo("flags").split() == ["fpu", "amx_bf16", "avx2"]
+    assert TB.cpuinfo("model name") == ""
 
 
 def test_backward_follows_the_forward_blocks_when_the_route_changes(monkeypatch):
@@ -146,7 +167,7 @@ def test_float32_big_experts_route_matches_reference(pooled):
     """float32 with large enough experts: the route the big benchmark layers take on CPU,
     unforced, against float64."""
     router, weight, bias = _params(64, 2, 4, 128, bias=True, dtype=torch.float32)
-    assert TB._onednn(weight, 128, 256) == (TB._MKLDNN and not (TB._INTEL and TB._threads() > 1))
+    assert TB._onednn(weight, 128, 256) == (TB._MKLDNN and not (TB._INTEL and torch.get_num_threads() > 1))
     x = torch.randn(4, 64, 8, 8)
     params = [t.requires_grad_() for t in (x, router, weight, bias)]
     y, r = _call(x, router, weight, bias, 2, 6, "concat", "softmax", pooled=pooled)
