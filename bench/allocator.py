@@ -1,5 +1,5 @@
-"""Freed memory stays with the process during the benchmarks (glibc), unless a MALLOC_* variable
-is set.
+"""Freed memory stays with the process during the benchmarks (glibc), unless the environment
+already chooses (MALLOC_* variables, glibc malloc tunables, a preloaded allocator).
 
 glibc serves a large buffer by mmap and unmaps it on free (above a threshold that starts at
 128 KiB), and returns the heap's free top to the OS above another: a layer call that allocates
