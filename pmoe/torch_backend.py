@@ -184,8 +184,14 @@ _ONEDNN_MIN_WEIGHT = 32768  # d*m per expert: below it, oneDNN's setup per call 
 
 
 def _threads() -> int:
-    """torch's CPU thread count; 1 while torch.compile traces (it cannot trace the query)."""
-    return 1 if torch.compiler.is_compiling() else torch.get_num_threads()
+    """torch's CPU thread count (not while torch.compile traces: it cannot trace the query)."""
+    return torch.get_num_threads()
+
+
+def _float32_bmm() -> bool:
+    """Whether big float32 experts run as one bmm (see _onednn): on an Intel CPU, under
+    torch.compile / torch.export, or eagerly with more than one thread."""
+    return _INTEL and (torch.compiler.is_compiling() or _threads() > 1)
 
 
 def _onednn(t: torch.Tensor, m: int, d: int) -> bool:
@@ -203,18 +209,24 @@ def _onednn(t: torch.Tensor, m: int, d: int) -> bool:
       per-expert route's time at 2 threads (0.75-0.95x with OMP_WAIT_POLICY=PASSIVE, the two
       routes alternated), since each of the per-expert route's five parallel ops per expert
       (gather, GEMM, activation, gate, placement) wakes the threads; on one thread it ran
-      0.95-1.14x, so oneDNN stays there.  torch.compile and torch.export trace the one-thread
-      route (they cannot trace the thread count);
+      0.95-1.14x, so oneDNN stays there eagerly;
+    - on an Intel CPU under torch.compile (and torch.export), at any thread count, in float32:
+      inductor fuses the row numbers, gates and gather into one loop before the one bmm and the
+      activation, gate and placement into one after it (the per-expert route needs them per
+      expert); compiled, the bmm route ran 0.6-0.9x the compiled oneDNN route's time
+      (WRN-pMoE and large, forward and forward+backward, 1 and 2 threads; each route's time
+      over the dense conv's in its own interleaved run);
     - in bfloat16 on a CPU with bf16 GEMM instructions (AMX or AVX512-BF16): bmm (oneDNN's
       matmul) ran the GEMMs in half the convolutions' time on AMX.
-    Decided by device, dtype, the CPU, the thread count and the parameter shapes, never by the
-    batch, so that an exported graph holds for every batch size (the backward follows the
-    forward's blocks whatever the thread count is then: _forward_blocks)."""
+    Decided by device, dtype, the CPU, the thread count (eagerly), whether torch.compile traces,
+    and the parameter shapes, never by the batch, so that an exported graph holds for every batch
+    size (the backward follows the forward's blocks whatever the thread count is then:
+    _forward_blocks)."""
     big = (_MKLDNN and t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
            and m >= _ONEDNN_MIN_M and d * m >= _ONEDNN_MIN_WEIGHT)
     if t.dtype == torch.bfloat16:
         return big and not _BF16_GEMM
-    return big and not (_INTEL and _threads() > 1)
+    return big and not _float32_bmm()
 
 
 def _as_nhwc(rows: torch.Tensor, l: int) -> torch.Tensor:
@@ -260,11 +272,29 @@ def expert_gemm_backward(dpre: torch.Tensor, xg: Optional[torch.Tensor], w: torc
 def _add_rows(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, deterministic: bool) -> None:
     """dst[rows] += src, repeated rows summed.  deterministic: by index_put_ with accumulate, which
     has a deterministic implementation on every device (CUDA's index_add_ uses atomics, and the
-    global deterministic flag refuses it there)."""
-    if deterministic:
+    global deterministic flag refuses it there).
+
+    Under torch.compile, through the custom op pmoe::add_rows (unless the sum is differentiated,
+    as in double backward), so that inductor calls these aten kernels: its own scatter-add adds
+    element by element with atomics, in no fixed order across threads (so not deterministic), and
+    slowly: 6.7 of the 24 ms of WRN-pMoE's compiled forward+backward at 2 threads."""
+    if torch.compiler.is_compiling() and not (dst.requires_grad or src.requires_grad):
+        torch.ops.pmoe.add_rows(dst, rows, src, deterministic)
+    elif deterministic:
         dst.index_put_((rows,), src, accumulate=True)
     else:
         dst.index_add_(0, rows, src)
+
+
+@torch.library.custom_op("pmoe::add_rows", mutates_args=("dst",))
+def _add_rows_op(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, deterministic: bool) -> None:
+    """_add_rows as one opaque op for torch.compile (see there)."""
+    _add_rows(dst, rows, src, deterministic)
+
+
+@_add_rows_op.register_fake
+def _(dst, rows, src, deterministic):
+    return None
 
 
 def _slots(rows: torch.Tensor, s0: int, k: int) -> torch.Tensor:

@@ -107,24 +107,29 @@ def test_activation_backward_matches_reference(gemm, activation):
         assert rel_err(a, b) < TOL
 
 
-# (Intel, bf16 GEMM instructions, threads) -> (float32 big experts on oneDNN, bfloat16 ones on oneDNN)
+# (Intel, bf16 GEMM instructions, threads, torch.compile tracing) -> (float32 big experts on
+# oneDNN, bfloat16 ones on oneDNN)
 ROUTES = {
-    (False, False, 1): (True, True), (False, False, 2): (True, True),  # e.g. an AMD EPYC without bf16
-    (False, True, 2): (True, False),  # a CPU with AVX512-BF16, not Intel
-    (True, False, 1): (True, True), (True, False, 2): (False, True),  # an Intel CPU without bf16
-    (True, True, 1): (True, False), (True, True, 2): (False, False),  # an Intel Xeon with AMX
+    (False, False, 1, False): (True, True), (False, False, 2, False): (True, True),  # an AMD EPYC without bf16
+    (False, False, 1, True): (True, True),
+    (False, True, 2, False): (True, False),  # a CPU with AVX512-BF16, not Intel
+    (True, False, 1, False): (True, True), (True, False, 2, False): (False, True),  # an Intel CPU without bf16
+    (True, False, 1, True): (False, True), (True, False, 2, True): (False, True),
+    (True, True, 1, False): (True, False), (True, True, 2, False): (False, False),  # an Intel Xeon with AMX
+    (True, True, 1, True): (False, False),
 }
 
 
 @pytest.mark.parametrize("cpu", sorted(ROUTES))
 def test_expert_gemm_route_rule(monkeypatch, cpu):
     """Big float32/bfloat16 experts run as oneDNN convolutions, except: float32 on an Intel CPU
-    with more than one thread, bfloat16 on a CPU with bf16 GEMM instructions (one bmm then);
-    small experts always one bmm; never decided by the batch."""
-    intel, bf16_gemm, threads = cpu
+    with more than one thread or under torch.compile, bfloat16 on a CPU with bf16 GEMM
+    instructions (one bmm then); small experts always one bmm; never decided by the batch."""
+    intel, bf16_gemm, threads, compiling = cpu
     monkeypatch.setattr(TB, "_INTEL", intel)
     monkeypatch.setattr(TB, "_BF16_GEMM", bf16_gemm)
     monkeypatch.setattr(TB, "_threads", lambda: threads)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     for dtype, onednn in zip((torch.float32, torch.bfloat16), ROUTES[cpu]):
         t = torch.empty(0, dtype=dtype)
         assert TB._onednn(t, 160, 640) == (onednn and TB._MKLDNN)  # WRN-pMoE's experts
@@ -132,6 +137,71 @@ def test_expert_gemm_route_rule(monkeypatch, cpu):
         assert not TB._onednn(t, 20, 784)  # the paper's MNIST experts: too thin
         assert not TB._onednn(t, 64, 128)
     assert not TB._onednn(torch.empty(0, dtype=F64), 160, 640)
+
+
+@pytest.mark.parametrize("intel", [False, True])
+def test_torch_compile_traces_the_compiled_route(monkeypatch, intel):
+    """What torch.compile actually traces for big float32 experts: one bmm on an Intel CPU (at
+    any thread count), the per-expert convolutions elsewhere; values as eager."""
+    monkeypatch.setattr(TB, "_INTEL", intel)
+    router, weight, _ = _params(64, 2, 4, 128, bias=False, dtype=torch.float32)
+    x = torch.randn(2, 64, 4, 4)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(x):
+        return pmoe.pmoe_conv2d(x, router, weight, patch_size=2, top_l=2, backend="torch")
+
+    torch._dynamo.reset()
+    try:
+        y = torch.compile(f, backend=backend, fullgraph=True)(x)
+    finally:
+        torch._dynamo.reset()
+    targets = {getattr(node.target, "__name__", str(node.target)) for gm in graphs for node in gm.graph.nodes}
+    onednn = TB._MKLDNN and not intel
+    assert ("conv2d" in targets) == onednn and ("bmm" in targets or "baddbmm" in targets)
+    assert rel_err(y, f(x)) < 1e-5
+
+
+@pytest.mark.parametrize("combine", ["concat", "sum"])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_torch_compile_adds_rows_through_aten(combine, deterministic):
+    """Compiled, the row additions (the input gradient; the sum combine's output) run through the
+    custom op pmoe::add_rows, which inductor cannot turn into its own atomic scatter-add (not
+    deterministic across threads, and slow); the traced graphs give eager's values."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {"forward": [], "backward": []}
+
+    def keep(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    torch.manual_seed(0)
+    layer = pmoe.PMoEConv2d(4, 6, 2, 3, 2, combine=combine, backend="torch", deterministic=deterministic)
+    torch.nn.init.normal_(layer.router, std=1.0)
+    x = torch.randn(3, 4, 4, 4, requires_grad=True)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(layer, backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")),
+                                 fullgraph=True)
+        y = compiled(x)
+        grads = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
+    finally:
+        torch._dynamo.reset()
+    code = {kind: "".join(gm.code for gm in gms) for kind, gms in graphs.items()}
+    assert "pmoe.add_rows" in code["backward"]
+    assert ("pmoe.add_rows" in code["forward"]) == (combine == "sum")
+    y_eager = layer(x)
+    assert rel_err(y, y_eager) < 1e-5
+    for a, b in zip(grads, torch.autograd.grad(y_eager.square().sum(), [x, *layer.parameters()])):
+        assert rel_err(a, b) < 1e-5
 
 
 def test_cpuinfo_reads_a_field(monkeypatch, tmp_path):
