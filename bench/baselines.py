@@ -5,6 +5,8 @@
              run the dense conv over every patch anyway, one group per expert, concatenated
     torch    pmoe.PMoEConv2d(backend="torch"): the vectorised PyTorch path
     triton   pmoe.PMoEConv2d(backend="triton"): the fused kernels (CUDA, or TRITON_INTERPRET=1 on CPU)
+    compiled torch.compile(PMoEConv2d(backend="torch"), fullgraph=True): the PyTorch path through
+             inductor, an option a user takes (the CPU suite only: CPU_KINDS; compiled on first call)
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ except ImportError:  # pragma: no cover
     from bench.shapes import LayerShape
 
 KINDS = ("dense", "masking", "torch", "triton")
+CPU_KINDS = KINDS + ("compiled",)  # the GPU scripts keep to KINDS (their compile budget)
 
 
 class MaskingPMoEConv2d(nn.Module):
@@ -94,7 +97,8 @@ def triton_usable(device: torch.device) -> bool:
 
 
 def available_kinds(device: torch.device) -> tuple[str, ...]:
-    return tuple(k for k in KINDS if k != "triton" or triton_usable(device))
+    kinds = CPU_KINDS if device.type == "cpu" else KINDS
+    return tuple(k for k in kinds if k != "triton" or triton_usable(device))
 
 
 def make_pmoe(shape: LayerShape, backend: str) -> pmoe.PMoEConv2d:
@@ -115,14 +119,17 @@ def make_layer(shape: LayerShape, kind: str, device="cpu", dtype: torch.dtype = 
     comparing kinds on identical weights)."""
     if kind == "dense":
         layer = make_dense(shape)
-    elif kind in ("torch", "triton", "masking"):
-        base = make_pmoe(shape, "torch" if kind == "masking" else kind)
+    elif kind in ("torch", "triton", "masking", "compiled"):
+        base = make_pmoe(shape, kind if kind in ("torch", "triton") else "torch")
         if like is not None:
             base.load_state_dict(like.state_dict())
         layer = MaskingPMoEConv2d(base) if kind == "masking" else base
     else:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
-    return layer.to(device=device, dtype=dtype)
+        raise ValueError(f"unknown kind {kind!r}; expected one of {CPU_KINDS}")
+    layer = layer.to(device=device, dtype=dtype)
+    # fullgraph: a graph break raises instead of timing eager code under the compiled name;
+    # dynamic=False: each shape its own static graph, as a user compiling one model gets
+    return torch.compile(layer, fullgraph=True, dynamic=False) if kind == "compiled" else layer
 
 
 def randomize_router(layer: nn.Module, std: float = 1.0) -> None:

@@ -3,7 +3,8 @@
     python bench/ratios.py bench.json [--stat median] [--out ratios.md]
 
 One row per (shape, pass, dtype, threads): the median time of each baseline and the ratios
-pMoE(torch)/dense, masking/dense, and when Triton rows are present triton/torch and triton/dense.
+pMoE(torch)/dense, masking/dense, compiled/dense and compiled/torch (the PyTorch path under
+torch.compile, CPU), and when Triton rows are present triton/torch and triton/dense.
 A ratio below 1 means the numerator is faster.  The suite times the baselines interleaved, round
 by round; a ratio is then the median over rounds of the round's ratio (paired), and the times
 are each kind's median.  A JSON with one benchmark per kind (the suite's earlier form, no
@@ -16,8 +17,9 @@ import json
 import sys
 from collections import defaultdict
 
-RATIOS = (("torch", "dense"), ("masking", "dense"), ("triton", "torch"), ("triton", "dense"))
-KIND_ORDER = ("dense", "masking", "torch", "triton")
+RATIOS = (("torch", "dense"), ("masking", "dense"), ("compiled", "dense"), ("compiled", "torch"), ("triton", "torch"),
+          ("triton", "dense"))
+KIND_ORDER = ("dense", "masking", "torch", "compiled", "triton")
 
 
 def collect(data: dict, stat: str = "median") -> dict:

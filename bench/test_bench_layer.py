@@ -3,8 +3,8 @@ timed interleaved with the others, in one run.
 
     pytest bench --benchmark-only --benchmark-json=bench.json && python bench/ratios.py bench.json
 
-One test per (shape, pass, dtype, threads) times every kind (dense, masking, torch, and triton
-on CUDA) in rounds: each round calls every kind once, so that all of them see the same machine
+One test per (shape, pass, dtype, threads) times every kind (dense, masking, torch; compiled,
+the PyTorch path under torch.compile, on CPU; triton on CUDA) in rounds: each round calls every kind once, so that all of them see the same machine
 load, in an order that changes from round to round (every permutation in turn).  What it
 records (benchmark.extra_info): each kind's median time, and each ratio as the median over
 rounds of that round's ratio (a paired comparison, steady under a load that drifts).
@@ -12,7 +12,8 @@ pytest-benchmark's own statistics are of whole rounds.
 
 CPU: fp32 at each shape's cpu_batch, with torch's thread count set to each of
 PMOE_BENCH_THREADS (comma-separated, default "1,2": the README tables show both).  Each test
-runs rounds for about PMOE_BENCH_SECONDS (default 8) after two warm-up rounds, at least
+runs rounds for about PMOE_BENCH_SECONDS (default 8) after one warm-up call of each kind (the
+compile, for compiled: each test compiles its own static graphs) and two warm-up rounds, at least
 PMOE_BENCH_MIN_ROUNDS (default 18) and at most about 400, a multiple of the number of orders.
 OMP_WAIT_POLICY is PASSIVE on a shared CPU unless set (bench/conftest.py, bench/omp_wait.py:
 there the default wait costs a multi-threaded run a scheduler slice per op; on an idle CPU the
@@ -35,7 +36,8 @@ from shapes import SHAPES
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32) if DEVICE.type == "cuda" else (torch.float32,)
 PASSES = ("forward", "forward+backward")
-RATIOS = (("torch", "dense"), ("masking", "dense"), ("triton", "torch"), ("triton", "dense"))
+RATIOS = (("torch", "dense"), ("masking", "dense"), ("compiled", "dense"), ("compiled", "torch"), ("triton", "torch"),
+          ("triton", "dense"))
 
 
 def bench_threads() -> tuple:
@@ -130,12 +132,14 @@ def test_layer(benchmark, shape_name: str, pass_name: str, dtype: torch.dtype, t
     torch.manual_seed(0)
     x = torch.randn(shape.input_shape(batch), device=DEVICE, dtype=dtype)
     runs = {}
+    torch._dynamo.reset()  # "compiled": this test's graphs only, never a cache limit reached
     for kind in available_kinds(DEVICE):
         if kind == "triton" and DEVICE.type != "cuda":
             continue  # the CPU interpreter is a correctness tool, not a timing
         layer = make_layer(shape, kind, DEVICE, dtype)
         randomize_router(layer)
         runs[kind] = timed_call(layer, x, pass_name)
+        runs[kind]()  # "compiled" compiles here, outside the rounds and the round-time estimate
     pair = Interleaved(runs)
     load = os.getloadavg()[0]
     rounds = _rounds(pair)

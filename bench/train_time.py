@@ -5,6 +5,7 @@ data; report time per training step and the wall time and steps to reach a fixed
     python bench/train_time.py --json                # the same as JSON rows
     python bench/train_time.py --target 0.95 --max-steps 800 --batch 64
     python bench/train_time.py --channels-last       # both networks and the data channels-last
+    python bench/train_time.py --compile             # both networks under torch.compile
 
 Data: pmoe.data's "digits-patch" (sklearn's 8x8 digits as a 4x4 tile grid, one class tile, the
 others distractors) when pmoe.data is importable, else a synthetic tensor dataset made here
@@ -79,19 +80,36 @@ def accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int 
     return correct / len(x)
 
 
+def compiled(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, backend: str = "inductor") -> torch.nn.Module:
+    """torch.compile(net), its training graph compiled on (x, y) before any step is timed, and net
+    left as it was (the warm-up's gradients dropped, batch-norm statistics put back), so that the
+    compile is in neither the step times nor the time to target (the evaluation graph compiles in
+    the first, untimed, accuracy())."""
+    fast = torch.compile(net, backend=backend, dynamic=False)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    F.cross_entropy(fast(x), y).backward()
+    net.zero_grad(set_to_none=True)
+    net.load_state_dict(state)
+    return fast
+
+
 def training(net, data, device, *, batch: int, lr: float, max_steps: int, eval_every: int, target: float,
-             warmup: int, seed: int, max_seconds: float = float("inf"), channels_last: bool = False):
+             warmup: int, seed: int, max_seconds: float = float("inf"), channels_last: bool = False,
+             compile: bool = False):
     """One network's training, a step at a time: a generator that yields each step's seconds and
     returns the result dict when it stops (at the target accuracy, max_steps or max_seconds).
 
     SGD (momentum 0.9, weight decay 5e-4, constant lr), cross-entropy, reshuffled epochs drawn
     from one seeded generator: the same batches for every network.  channels_last: the network's
-    parameters and the images in torch.channels_last (the pMoE layer's native layout)."""
+    parameters and the images in torch.channels_last (the pMoE layer's native layout).  compile:
+    the network under torch.compile (compiled before the first step: compiled())."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     xtr, ytr, xte, yte = (t.to(device) for t in data)
     xtr, xte = xtr.contiguous(memory_format=fmt), xte.contiguous(memory_format=fmt)
     net = net.to(device, memory_format=fmt).train()
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    if compile:
+        net = compiled(net, xtr[:batch], ytr[:batch])
     gen = torch.Generator().manual_seed(seed)
     order, pos = torch.randperm(len(xtr), generator=gen), 0
     step_s, train_s, reached = [], 0.0, None
@@ -175,6 +193,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--channels-last", action="store_true",
                     help="run both networks and the data in torch.channels_last instead of NCHW")
+    ap.add_argument("--compile", action="store_true",
+                    help="both networks under torch.compile (inductor), compiled before the first timed step")
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     args = ap.parse_args(argv)
     freed = keep_freed_memory()  # see bench/allocator.py
@@ -189,11 +209,12 @@ def main(argv=None) -> int:
         net = cls(in_channels=1, num_classes=2, widths=args.widths)
         runs[name] = training(net, data, device, batch=args.batch, lr=args.lr, max_steps=args.max_steps,
                               eval_every=args.eval_every, target=args.target, warmup=args.warmup, seed=args.seed,
-                              max_seconds=args.max_seconds, channels_last=args.channels_last)
+                              max_seconds=args.max_seconds, channels_last=args.channels_last, compile=args.compile)
     results, paired = interleaved(runs, args.warmup)
     ratio = statistics.median(r["flagship-pmoe"] / r["flagship-dense"] for r in paired) if paired else None
     rows = [{"name": name, "data": source, "device": str(device), "batch": args.batch,
-             "memory_format": "channels_last" if args.channels_last else "nchw", "target_acc": args.target,
+             "memory_format": "channels_last" if args.channels_last else "nchw", "compiled": args.compile,
+             "target_acc": args.target,
              "threads": torch.get_num_threads(), "loadavg_1min": round(os.getloadavg()[0], 2),
              "paired_steps": len(paired), "paired_step_ratio": ratio, **results[name]} for name in runs]
     if args.json:
@@ -204,7 +225,7 @@ def main(argv=None) -> int:
           f"{freed} (bench/allocator.py); 1-min load average {os.getloadavg()[0]:.1f} at the end")
     print(f"# data: {source}, {args.n_train} train / {args.n_test} test; SGD lr {args.lr} momentum 0.9, "
           f"batch {args.batch}, target test accuracy {args.target}, "
-          f"{'channels-last' if args.channels_last else 'NCHW'}")
+          f"{'channels-last' if args.channels_last else 'NCHW'}{', torch.compile' if args.compile else ''}")
     print("| network | step ms (median) | steps to target | train s to target | final acc | steps run |")
     print("|---|---|---|---|---|---|")
     for r in rows:

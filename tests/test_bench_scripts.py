@@ -306,7 +306,8 @@ def test_ratios_table(tmp_path):
                 "stats": {"median": median, "mean": median, "min": median}}
 
     fake = {"machine_info": {}, "benchmarks": [bench("dense", "forward", 2.0), bench("torch", "forward", 1.0),
-                                                bench("masking", "forward", 3.0), bench("triton", "forward", 0.5)]}
+                                                bench("masking", "forward", 3.0), bench("triton", "forward", 0.5),
+                                                bench("compiled", "forward", 0.8)]}
     path = tmp_path / "b.json"
     path.write_text(json.dumps(fake))
     out = tmp_path / "r.md"
@@ -314,8 +315,10 @@ def test_ratios_table(tmp_path):
         assert ratios.main([str(path), "--out", str(out)]) == 0
     row = [line for line in out.read_text().splitlines() if line.startswith("| s ")][0]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    # dense, masking, torch, triton ms; torch/dense, masking/dense, triton/torch, triton/dense
-    assert cells[3:] == ["2000.000", "3000.000", "1000.000", "500.000", "0.50", "1.50", "0.50", "0.25"]
+    # dense, masking, torch, compiled, triton ms; torch/dense, masking/dense, compiled/dense,
+    # compiled/torch, triton/torch, triton/dense
+    assert cells[3:] == ["2000.000", "3000.000", "1000.000", "800.000", "500.000", "0.50", "1.50", "0.40", "0.80",
+                         "0.50", "0.25"]
 
 
 @pytest.mark.parametrize("load, unset, expected", [(0.3, True, ""), (2.0, True, "PASSIVE"), (5.0, False, "ACTIVE")])
@@ -351,3 +354,24 @@ def test_keep_freed_memory_leaves_a_set_allocator_alone(monkeypatch):
         monkeypatch.delenv(name)
     monkeypatch.setattr(allocator.sys, "platform", "darwin")
     assert allocator.keep_freed_memory() == "unsupported"
+
+
+def test_train_time_compiled_leaves_the_network_as_it_was():
+    """train_time.py --compile compiles before the first timed step without training: parameters,
+    batch-norm statistics and gradients as before the warm-up."""
+    import train_time
+    from pmoe.models.flagship import FlagshipPMoE
+
+    torch.manual_seed(0)
+    net = FlagshipPMoE(in_channels=1, num_classes=2, widths=(4, 8, 16))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x, y = torch.randn(4, 1, 32, 32), torch.randint(0, 2, (4,))
+    torch._dynamo.reset()
+    try:
+        fast = train_time.compiled(net, x, y, backend="aot_eager")
+        assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+        assert all(p.grad is None for p in net.parameters())
+        net.eval()
+        torch.testing.assert_close(fast(x), net(x))
+    finally:
+        torch._dynamo.reset()
