@@ -5,8 +5,9 @@
              run the dense conv over every patch anyway, one group per expert, concatenated
     torch    pmoe.PMoEConv2d(backend="torch"): the vectorised PyTorch path
     triton   pmoe.PMoEConv2d(backend="triton"): the fused kernels (CUDA, or TRITON_INTERPRET=1 on CPU)
-    compiled torch.compile(PMoEConv2d(backend="torch"), fullgraph=True): the PyTorch path through
-             inductor, an option a user takes (the CPU suite only: CPU_KINDS; compiled on first call)
+    compiled torch.compile(PMoEConv2d(backend="torch"), fullgraph=True, dynamic=False): the PyTorch
+             path through inductor, an option a user takes (the CPU suite only: CPU_KINDS;
+             compiled on first call; torch >= 2.13 keys inductor's cache on the thread count)
 """
 from __future__ import annotations
 

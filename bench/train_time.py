@@ -85,7 +85,7 @@ def compiled(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, backend: st
     left as it was (the warm-up's gradients dropped, batch-norm statistics put back), so that the
     compile is in neither the step times nor the time to target (the evaluation graph compiles in
     the first, untimed, accuracy())."""
-    fast = torch.compile(net, backend=backend, dynamic=False)
+    fast = torch.compile(net, backend=backend, fullgraph=True, dynamic=False)  # a graph break raises
     state = {k: v.clone() for k, v in net.state_dict().items()}
     F.cross_entropy(fast(x), y).backward()
     net.zero_grad(set_to_none=True)
@@ -95,20 +95,20 @@ def compiled(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, backend: st
 
 def training(net, data, device, *, batch: int, lr: float, max_steps: int, eval_every: int, target: float,
              warmup: int, seed: int, max_seconds: float = float("inf"), channels_last: bool = False,
-             compile: bool = False):
+             compile_net: bool = False):
     """One network's training, a step at a time: a generator that yields each step's seconds and
     returns the result dict when it stops (at the target accuracy, max_steps or max_seconds).
 
     SGD (momentum 0.9, weight decay 5e-4, constant lr), cross-entropy, reshuffled epochs drawn
     from one seeded generator: the same batches for every network.  channels_last: the network's
-    parameters and the images in torch.channels_last (the pMoE layer's native layout).  compile:
+    parameters and the images in torch.channels_last (the pMoE layer's native layout).  compile_net:
     the network under torch.compile (compiled before the first step: compiled())."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     xtr, ytr, xte, yte = (t.to(device) for t in data)
     xtr, xte = xtr.contiguous(memory_format=fmt), xte.contiguous(memory_format=fmt)
     net = net.to(device, memory_format=fmt).train()
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    if compile:
+    if compile_net:
         net = compiled(net, xtr[:batch], ytr[:batch])
     gen = torch.Generator().manual_seed(seed)
     order, pos = torch.randperm(len(xtr), generator=gen), 0
@@ -209,7 +209,8 @@ def main(argv=None) -> int:
         net = cls(in_channels=1, num_classes=2, widths=args.widths)
         runs[name] = training(net, data, device, batch=args.batch, lr=args.lr, max_steps=args.max_steps,
                               eval_every=args.eval_every, target=args.target, warmup=args.warmup, seed=args.seed,
-                              max_seconds=args.max_seconds, channels_last=args.channels_last, compile=args.compile)
+                              max_seconds=args.max_seconds, channels_last=args.channels_last,
+                              compile_net=args.compile)
     results, paired = interleaved(runs, args.warmup)
     ratio = statistics.median(r["flagship-pmoe"] / r["flagship-dense"] for r in paired) if paired else None
     rows = [{"name": name, "data": source, "device": str(device), "batch": args.batch,

@@ -7,9 +7,9 @@ with one index_select, and one scatter of the gated results into the output (poo
 over the chosen rows).  No Python loop over images or patches.  On CPU (float32, bfloat16,
 m >= 32) the experts run one at a time as oneDNN 1x1 convolutions, whose AVX-512 kernels run on
 every x86 vendor (MKL's sgemm, behind bmm, falls back to slower code on some), each expert's
-gathered rows used while in cache; otherwise, and on an Intel CPU with more than one thread
-(float32) or a CPU with bf16 GEMM instructions (bfloat16), all experts run in one bmm (see
-_onednn).
+gathered rows used while in cache; otherwise, and on an Intel CPU with more than one thread or
+under torch.compile (float32), or a CPU with bf16 GEMM instructions (bfloat16), all experts run
+in one bmm (see _onednn).  Compiled, the row additions are one custom op (_add_rows).
 
 Backward: a custom autograd.Function (_RoutedExperts) with a hand-written backward.  It keeps the
 patch rows, the chosen rows' numbers, the gates and the experts' pre-activations (B*k*l*m
@@ -184,13 +184,17 @@ _ONEDNN_MIN_WEIGHT = 32768  # d*m per expert: below it, oneDNN's setup per call 
 
 
 def _threads() -> int:
-    """torch's CPU thread count (not while torch.compile traces: it cannot trace the query)."""
+    """torch's CPU thread count.  Callers must not ask while torch.compile or torch.export trace:
+    they cannot trace the query (_float32_bmm does not)."""
     return torch.get_num_threads()
 
 
 def _float32_bmm() -> bool:
-    """Whether big float32 experts run as one bmm (see _onednn): on an Intel CPU, under
-    torch.compile / torch.export, or eagerly with more than one thread."""
+    """Whether big float32 experts run as one bmm (see _onednn): on an Intel CPU under
+    torch.compile, or eagerly with more than one thread; torch.export traces the eager one-thread
+    route (an exported program runs without inductor, and cannot read the thread count)."""
+    if torch.compiler.is_exporting():
+        return False
     return _INTEL and (torch.compiler.is_compiling() or _threads() > 1)
 
 
@@ -210,7 +214,7 @@ def _onednn(t: torch.Tensor, m: int, d: int) -> bool:
       routes alternated), since each of the per-expert route's five parallel ops per expert
       (gather, GEMM, activation, gate, placement) wakes the threads; on one thread it ran
       0.95-1.14x, so oneDNN stays there eagerly;
-    - on an Intel CPU under torch.compile (and torch.export), at any thread count, in float32:
+    - on an Intel CPU under torch.compile (not torch.export), at any thread count, in float32:
       inductor fuses the row numbers, gates and gather into one loop before the one bmm and the
       activation, gate and placement into one after it (the per-expert route needs them per
       expert); compiled, the bmm route ran 0.6-0.9x the compiled oneDNN route's time
@@ -218,8 +222,8 @@ def _onednn(t: torch.Tensor, m: int, d: int) -> bool:
       over the dense conv's in its own interleaved run);
     - in bfloat16 on a CPU with bf16 GEMM instructions (AMX or AVX512-BF16): bmm (oneDNN's
       matmul) ran the GEMMs in half the convolutions' time on AMX.
-    Decided by device, dtype, the CPU, the thread count (eagerly), whether torch.compile traces,
-    and the parameter shapes, never by the batch, so that an exported graph holds for every batch
+    Decided by device, dtype, the CPU, the thread count (eagerly), whether torch.compile or
+    torch.export traces, and the parameter shapes, never by the batch, so that an exported graph holds for every batch
     size (the backward follows the forward's blocks whatever the thread count is then:
     _forward_blocks)."""
     big = (_MKLDNN and t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
@@ -270,17 +274,26 @@ def expert_gemm_backward(dpre: torch.Tensor, xg: Optional[torch.Tensor], w: torc
 
 
 def _add_rows(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, deterministic: bool) -> None:
-    """dst[rows] += src, repeated rows summed.  deterministic: by index_put_ with accumulate, which
-    has a deterministic implementation on every device (CUDA's index_add_ uses atomics, and the
-    global deterministic flag refuses it there).
+    """dst[rows] += src, repeated rows summed (_add_rows_eager).
 
-    Under torch.compile, through the custom op pmoe::add_rows (unless the sum is differentiated,
-    as in double backward), so that inductor calls these aten kernels: its own scatter-add adds
-    element by element with atomics, in no fixed order across threads (so not deterministic), and
-    slowly: 6.7 of the 24 ms of WRN-pMoE's compiled forward+backward at 2 threads."""
-    if torch.compiler.is_compiling() and not (dst.requires_grad or src.requires_grad):
+    Under torch.compile, on CPU or deterministic, through the custom op pmoe::add_rows (unless
+    the sum is differentiated, as in double backward), so that inductor calls the ATen kernels:
+    its own scatter-add adds element by element with atomics, in no fixed order across threads
+    (so not deterministic), and on CPU slowly: 6.7 of the 24 ms of WRN-pMoE's compiled
+    forward+backward at 2 threads (torch profiler).  Not under torch.export: an exported program
+    keeps ATen ops only."""
+    if (torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+            and (dst.device.type == "cpu" or deterministic) and not (dst.requires_grad or src.requires_grad)):
         torch.ops.pmoe.add_rows(dst, rows, src, deterministic)
-    elif deterministic:
+    else:
+        _add_rows_eager(dst, rows, src, deterministic)
+
+
+def _add_rows_eager(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, deterministic: bool) -> None:
+    """dst[rows] += src.  deterministic: by index_put_ with accumulate, which has a deterministic
+    implementation on every device (CUDA's index_add_ uses atomics, and the global deterministic
+    flag refuses it there)."""
+    if deterministic:
         dst.index_put_((rows,), src, accumulate=True)
     else:
         dst.index_add_(0, rows, src)
@@ -288,8 +301,8 @@ def _add_rows(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, determin
 
 @torch.library.custom_op("pmoe::add_rows", mutates_args=("dst",))
 def _add_rows_op(dst: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, deterministic: bool) -> None:
-    """_add_rows as one opaque op for torch.compile (see there)."""
-    _add_rows(dst, rows, src, deterministic)
+    """_add_rows_eager as one opaque op for torch.compile (see _add_rows)."""
+    _add_rows_eager(dst, rows, src, deterministic)
 
 
 @_add_rows_op.register_fake

@@ -141,9 +141,12 @@ def test_expert_gemm_route_rule(monkeypatch, cpu):
 
 @pytest.mark.parametrize("intel", [False, True])
 def test_torch_compile_traces_the_compiled_route(monkeypatch, intel):
-    """What torch.compile actually traces for big float32 experts: one bmm on an Intel CPU (at
-    any thread count), the per-expert convolutions elsewhere; values as eager."""
+    """What torch.compile actually traces for big float32 experts: one bmm on an Intel CPU (even
+    on one thread, where eagerly it runs the per-expert convolutions), the per-expert
+    convolutions elsewhere; values as eager."""
     monkeypatch.setattr(TB, "_INTEL", intel)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     router, weight, _ = _params(64, 2, 4, 128, bias=False, dtype=torch.float32)
     x = torch.randn(2, 64, 4, 4)
     graphs = []
@@ -158,20 +161,24 @@ def test_torch_compile_traces_the_compiled_route(monkeypatch, intel):
     torch._dynamo.reset()
     try:
         y = torch.compile(f, backend=backend, fullgraph=True)(x)
+        assert rel_err(y, f(x)) < 1e-5
     finally:
         torch._dynamo.reset()
-    targets = {getattr(node.target, "__name__", str(node.target)) for gm in graphs for node in gm.graph.nodes}
+        torch.set_num_threads(threads)
+    targets = [getattr(node.target, "__name__", str(node.target)) for gm in graphs for node in gm.graph.nodes]
     onednn = TB._MKLDNN and not intel
-    assert ("conv2d" in targets) == onednn and ("bmm" in targets or "baddbmm" in targets)
-    assert rel_err(y, f(x)) < 1e-5
+    assert ("conv2d" in targets) == onednn, targets
+    # the routing scores are one bmm on every route; the experts' one more on the bmm route
+    assert sum(t in ("bmm", "baddbmm") for t in targets) == (1 if onednn else 2), targets
 
 
 @pytest.mark.parametrize("combine", ["concat", "sum"])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_torch_compile_adds_rows_through_aten(combine, deterministic):
-    """Compiled, the row additions (the input gradient; the sum combine's output) run through the
-    custom op pmoe::add_rows, which inductor cannot turn into its own atomic scatter-add (not
-    deterministic across threads, and slow); the traced graphs give eager's values."""
+    """Compiled, the row additions (the input gradient; the sum combine's output) are the custom
+    op pmoe::add_rows in the traced graphs, with the layer's deterministic flag: an opaque call
+    that inductor cannot fuse into a scatter-add of its own.  The traced graphs give eager's
+    values."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
@@ -198,6 +205,7 @@ def test_torch_compile_adds_rows_through_aten(combine, deterministic):
     code = {kind: "".join(gm.code for gm in gms) for kind, gms in graphs.items()}
     assert "pmoe.add_rows" in code["backward"]
     assert ("pmoe.add_rows" in code["forward"]) == (combine == "sum")
+    assert f"deterministic = {deterministic}" in code["backward"]
     y_eager = layer(x)
     assert rel_err(y, y_eager) < 1e-5
     for a, b in zip(grads, torch.autograd.grad(y_eager.square().sum(), [x, *layer.parameters()])):
@@ -287,17 +295,20 @@ def test_inference_keeps_no_graph():
     assert layer(x.requires_grad_()).grad_fn is not None
 
 
-@pytest.mark.parametrize("C,m,pooled", [(3, 2, False), (64, 128, False), (64, 128, True)])
-def test_export_with_a_dynamic_batch_from_one(C, m, pooled):
+@pytest.mark.parametrize("C,m,pooled,combine", [(3, 2, False, "concat"), (64, 128, False, "concat"),
+                                                (64, 128, True, "concat"), (64, 128, False, "sum")])
+def test_export_with_a_dynamic_batch_from_one(C, m, pooled, combine):
     """torch.export with the batch dynamic from B = 1: nothing in the torch path
-    branches on the batch size (both expert-GEMM routes: bmm, and oneDNN for d*m large enough),
-    and the exported program computes the layer at every B."""
+    branches on the batch size (both expert-GEMM routes: bmm, and oneDNN for d*m large enough:
+    export traces the eager one-thread route on every CPU), the exported program holds ATen ops
+    only (no pmoe::add_rows, which only torch.compile uses), and it computes the layer at every B."""
     from torch.export import Dim, export
 
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.layer = pmoe.PMoEConv2d(C, 4 * m, 2, 4, 3, bias=True, backend="torch")
+            out = 4 * m if combine == "concat" else m
+            self.layer = pmoe.PMoEConv2d(C, out, 2, 4, 3, combine=combine, bias=True, backend="torch")
             torch.nn.init.normal_(self.layer.router)
 
         def forward(self, x):
@@ -305,6 +316,9 @@ def test_export_with_a_dynamic_batch_from_one(C, m, pooled):
 
     net = Net()
     ep = export(net, (torch.randn(4, C, 8, 8),), dynamic_shapes={"x": {0: Dim("B", min=1)}})
+    targets = {str(node.target) for node in ep.graph.nodes}
+    assert not any("pmoe" in t for t in targets), targets
+    assert any("conv" in t for t in targets) == (TB._MKLDNN and C == 64), targets
     for B in (1, 2, 7):
         x = torch.randn(B, C, 8, 8)
         torch.testing.assert_close(ep.module()(x), net(x), rtol=1e-5, atol=1e-5)
