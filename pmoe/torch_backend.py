@@ -219,7 +219,7 @@ def _onednn(t: torch.Tensor, m: int, d: int) -> bool:
       activation, gate and placement into one after it (the per-expert route needs them per
       expert); compiled, the bmm route ran 0.6-0.9x the compiled oneDNN route's time
       (WRN-pMoE and large, forward and forward+backward, 1 and 2 threads; each route's time
-      over the dense conv's in its own interleaved run);
+      over the dense conv's in its own interleaved run, a one-off script);
     - in bfloat16 on a CPU with bf16 GEMM instructions (AMX or AVX512-BF16): bmm (oneDNN's
       matmul) ran the GEMMs in half the convolutions' time on AMX.
     Decided by device, dtype, the CPU, the thread count (eagerly), whether torch.compile or
