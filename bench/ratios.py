@@ -17,8 +17,8 @@ import json
 import sys
 from collections import defaultdict
 
-RATIOS = (("torch", "dense"), ("masking", "dense"), ("compiled", "dense"), ("compiled", "torch"), ("triton", "torch"),
-          ("triton", "dense"))
+RATIOS = (("torch", "dense"), ("masking", "dense"), ("compiled", "dense"), ("compiled", "torch"),
+          ("triton", "torch"), ("triton", "dense"))
 KIND_ORDER = ("dense", "masking", "torch", "compiled", "triton")
 
 

@@ -223,9 +223,9 @@ def _onednn(t: torch.Tensor, m: int, d: int) -> bool:
     - in bfloat16 on a CPU with bf16 GEMM instructions (AMX or AVX512-BF16): bmm (oneDNN's
       matmul) ran the GEMMs in half the convolutions' time on AMX.
     Decided by device, dtype, the CPU, the thread count (eagerly), whether torch.compile or
-    torch.export traces, and the parameter shapes, never by the batch, so that an exported graph holds for every batch
-    size (the backward follows the forward's blocks whatever the thread count is then:
-    _forward_blocks)."""
+    torch.export traces, and the parameter shapes, never by the batch, so that an exported graph
+    holds for every batch size (the backward follows the forward's blocks whatever the thread
+    count is then: _forward_blocks)."""
     big = (_MKLDNN and t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)
            and m >= _ONEDNN_MIN_M and d * m >= _ONEDNN_MIN_WEIGHT)
     if t.dtype == torch.bfloat16:
