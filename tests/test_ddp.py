@@ -72,6 +72,10 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         for name, cfg in CONFIGS.items():
             result[name] = train(DDP(make_model(**cfg)), data, rank, world)
         torch.save(result, out)
+        # both ranks done before either tears down: a rank whose peer (rank 0 also hosts the
+        # TCP store) exits mid-teardown can abort ("terminate called without an active
+        # exception"; seen once in CI, 2026-12-02)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
