@@ -226,7 +226,7 @@ def config_of(shape: LayerShape, batch: int, dtype: torch.dtype, device: torch.d
     out = {"route": "fused" if launch.use_fused_route(problem) else "split", "fwd": _compact(fwd),
            "raw": {"fwd": dataclasses.asdict(fwd)}}
     if pass_name != "forward":
-        bwd = configs.backward_config(batch, n, d, k, l, m, elt, sm, sms, channels_inner=channels_inner)
+        bwd = configs.backward_config(batch, n, d, k, l, m, elt, sm, sms)
         out["bwd"] = _compact(bwd)
         out["raw"]["bwd"] = dataclasses.asdict(bwd)
     return out

@@ -12,11 +12,13 @@
    patches, never materialised.  For an NCHW map the launch starts, like the forward, with one
    program per image copying its patch rows K-contiguous (tickets, see forward.py).
 2. `_dx_dw_kernel`, two kinds of programs in one launch (neither waits for the other):
-   dX programs, one per (GROUP_DX images, d block): for every expert s,
+   dX programs, one per (image, d block): for every expert s,
        T = dPre_s rows (l per image) @ W_s[:, d block] + dS_s (x) router_s[d block]
-   is placed at the patches s took (a one-hot product built from inv, the forward's patch -> rank
-   map) and summed over experts in registers, plus softmax_all's dense term; the (n, d block) tile of
-   each image is then stored once, in x's dtype and layout: no fp32 map, no atomics.
+   (the dS term added by the step-1 tiles where they compute dS, else here) is read at the
+   patches s took (by inv, the forward's patch -> rank map) and summed over experts in
+   registers, plus softmax_all's dense term; the (n, d block) tile of each image is then stored
+   once, in x's dtype and layout: no fp32 map, no atomics.  With the score gradient known in
+   step 1, these programs run in step 1's launch instead (DX_HERE).
    dW programs, one per (expert, d block, split of the B*l rows): dW_s partials
    dPre_s^T X_s (all m columns), db_s and the router's sparse gradient sum dS x; the split that
    finishes last (a counter) adds the partials in split order and writes the result.
@@ -82,10 +84,10 @@ def dpre_pass(n0, src_ptr, row_off, ok, w_ptr, b_ptr, dy_ptr, dpre_ptr, s, m, d,
 
 
 @triton.jit
-def dpre_tile(g, s, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, dy_ptr, dpre_ptr, t_ptr, dg_ptr, ds_ptr,
+def dpre_tile(g, s, x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, dy_ptr, dpre_ptr, t_ptr, dg_ptr, ds_ptr,
               B, n, k, l, m, d, Wp, p, GROUP, L_CHUNK, t_ring,
               stride_xb, stride_xc, stride_xh, stride_xw, stride_wk, stride_wm, stride_wd, stride_bk, stride_bm,
-              stride_dyb, stride_dyn,
+              stride_rk, stride_rd, stride_dyb, stride_dyn,
               SOURCE: tl.constexpr, COMBINE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
               FUSE_DS: tl.constexpr, ONE_PASS: tl.constexpr, HAS_N2: tl.constexpr, BLOCK_R: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DT: tl.constexpr,
@@ -128,11 +130,13 @@ def dpre_tile(g, s, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, dy_ptr, d
             for img in range(0, GROUP):
                 in_t = ok & (slot == img)
                 img_sum = tl.where(in_t, tl.sum(tl.where(in_t, gdg, 0.0), axis=0), img_sum)
-            tl.store(ds_ptr + sel, gate * (dg - img_sum), mask=ok)
+            ds = gate * (dg - img_sum)
+            tl.store(ds_ptr + sel, ds, mask=ok)
         else:
             tl.store(dg_ptr + sel, dg, mask=ok)
-        # T = dPre_s W_s: expert s's input gradient at its rows, all d features (step 2 sums the
-        # experts per patch).  dPre from registers when m took one pass, else read back.
+        # T = dPre_s W_s (+ dS router_s with FUSE_DS): expert s's input gradient at its rows, all d
+        # features (step 2 sums the experts per patch).  dPre from registers when m took one pass,
+        # else read back.
         w_s = w_ptr + s * stride_wk
         t_row = ((s * t_ring + b % t_ring) * l + i).to(tl.int64) * d
         if not ONE_PASS:
@@ -157,6 +161,9 @@ def dpre_tile(g, s, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, dy_ptr, d
                     wt = tl.load(w_s + o[:, None].to(tl.int64) * stride_wm + c[None, :].to(tl.int64) * stride_wd,
                                  mask=(o < m)[:, None] & c_ok[None, :], other=0.0)
                     t = tl.dot(dp, wt, t, input_precision=PREC)
+            if FUSE_DS:
+                rt = tl.load(r_ptr + s * stride_rk + c.to(tl.int64) * stride_rd, mask=c_ok, other=0.0).to(tl.float32)
+                t += ds[:, None] * rt[None, :]
             tl.store(t_ptr + t_row[:, None] + c[None, :], t.to(t_ptr.dtype.element_ty), mask=ok[:, None] & c_ok[None, :])
 
 
@@ -173,8 +180,8 @@ def _rows_bwd_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, i
                      stride_dyb, stride_dyn,                      # dy: (B, n, out), unit stride over out
                      stride_db, stride_dc, stride_dh, stride_dw,  # dx: like x
                      SOURCE: tl.constexpr, COMBINE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     FUSE_DS: tl.constexpr, ONE_PASS: tl.constexpr, DX_HERE: tl.constexpr, HAS_DS: tl.constexpr,
-                     PREC: tl.constexpr, N_POW2: tl.constexpr, BLOCK_D: tl.constexpr, HAS_N2: tl.constexpr,
+                     FUSE_DS: tl.constexpr, ONE_PASS: tl.constexpr, DX_HERE: tl.constexpr, PREC: tl.constexpr,
+                     N_POW2: tl.constexpr, BLOCK_D: tl.constexpr, HAS_N2: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_DK: tl.constexpr,
                      BLOCK_DT: tl.constexpr, BLOCK_K: tl.constexpr, DX_N: tl.constexpr, BLOCK_DX: tl.constexpr):
     """Step 1 (module docstring), ticket-ordered per image group (utils.take_ticket):
@@ -182,7 +189,7 @@ def _rows_bwd_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, i
         tiles    k expert tiles (dpre_tile; wait for the copies), then
         dX       GROUP * DX_BLOCKS programs (DX_HERE: dx_combine, one image and d block each; wait
                  for the k tiles, then count themselves done), when the score gradient is known
-                 here (softmax fused, or none).
+                 here (softmax fused: the tiles add dS router_s to T, or none).
     dpre: (k, B*l, m) and t: (k, t_ring*l, d) in x's dtype, image b's rows in slot b % t_ring (with
     DX_HERE a ring of the groups in flight: a tile of group g >= t_ring / GROUP first waits until
     group g - t_ring / GROUP's tiles and dX programs are done); dg / ds: (B, k, l) fp32."""
@@ -202,9 +209,10 @@ def _rows_bwd_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, i
         wait_group(sync_ptr, g, copies)
         if DX_HERE:  # the T slot's last group: its tiles wrote it and its dX programs have read it
             wait_ring_slot(sync_ptr + groups, g, GROUP, t_ring, k + combines)
-        dpre_tile(g, slot - copies, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, dy_ptr, dpre_ptr, t_ptr,
-                  dg_ptr, ds_ptr, B, n, k, l, m, d, Wp, p, GROUP, L_CHUNK, t_ring, stride_xb, stride_xc, stride_xh,
-                  stride_xw, stride_wk, stride_wm, stride_wd, stride_bk, stride_bm, stride_dyb, stride_dyn,
+        dpre_tile(g, slot - copies, x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, dy_ptr, dpre_ptr,
+                  t_ptr, dg_ptr, ds_ptr, B, n, k, l, m, d, Wp, p, GROUP, L_CHUNK, t_ring, stride_xb, stride_xc,
+                  stride_xh, stride_xw, stride_wk, stride_wm, stride_wd, stride_bk, stride_bm, stride_rk, stride_rd,
+                  stride_dyb, stride_dyn,
                   SOURCE, COMBINE, ACT, HAS_BIAS, FUSE_DS, ONE_PASS, HAS_N2, BLOCK_R, BLOCK_N, BLOCK_N2, BLOCK_DK,
                   BLOCK_DT, PREC)
         signal_group(sync_ptr + groups, g)
@@ -214,7 +222,7 @@ def _rows_bwd_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, i
         b = g * GROUP + q // DX_BLOCKS
         if b < B:
             dx_combine(b * DX_BLOCKS + q % DX_BLOCKS, t_ptr, r_ptr, ds_ptr, inv_ptr, ds_ptr, dx_ptr, B, n, k, l, d,
-                       Wp, p, t_ring, stride_rk, stride_rd, stride_db, stride_dc, stride_dh, stride_dw, HAS_DS, False,
+                       Wp, p, t_ring, stride_rk, stride_rd, stride_db, stride_dc, stride_dh, stride_dw, False, False,
                        DX_N, BLOCK_K, BLOCK_DX, PREC)
         signal_group(sync_ptr + groups, g)  # done reading the group's T: its ring slot may be rewritten
     finish_ticket(sync_ptr, tl.num_programs(0), 2 * groups)

@@ -198,18 +198,20 @@ DX_MAX_LANES = 4096  # (patches, features) of a dX program: 32 fp32 accumulators
 
 
 def backward_config(B: int, n: int, d: int, k: int, l: int, m: int, elt_bytes: int, sm: int = 90,
-                    sms: int = 132, channels_inner: bool = False) -> BackwardConfig:
+                    sms: int = 132) -> BackwardConfig:
     """The backward's config (see forward_config); sms: the GPU's multiprocessors (132: H100
-    SXM), so the dW programs fill a wave.  channels_inner: x's channels are its innermost axis
-    (channels-last, SRC_MAP), so a dX store of BLOCK_DX unfold-order features writes p*p runs
-    of BLOCK_DX / p^2 channels: the dX programs then take 64 features (a 32-byte run at p = 2
-    in 16-bit) of 64 patches a step instead of 16 of 256 (an NCHW map's runs go along patches)."""
+    SXM), so the dW programs fill a wave.  A dX program covers all n patches of one image and
+    reads the image's inv (k*n ranks) once per d block, so its d blocks are as wide as the
+    lanes allow (64 features of 64 patches a step, not 16 of 256: at the large shape a quarter
+    of the inv traffic).  Its stores stay whole sectors: on an NCHW map 64 patches are runs of
+    p * min(Wp, 64) positions along the map's rows, on a channels-last map 64 unfold-order
+    features are p*p runs of 64 / p^2 channels (32 bytes at p = 2 in 16-bit)."""
     bud = budget(elt_bytes, sm)
     group, l_chunk = expert_rows(l, bud.rows_block_r)
     fwd = dataclasses.replace(forward_config(n, d, k, l, m, elt_bytes, sm), num_warps=bud.rows_warps,
                               block_r=bud.rows_block_r, group=group, l_chunk=l_chunk, block_dk=block_dk(elt_bytes),
                               num_stages=bud.stages)
-    n_block = min(_np2(n), 64 if channels_inner else 256)
+    n_block = min(_np2(n), 64)
     cols = fwd.block_n + (fwd.block_n2 if fwd.has_n2 else 0)
     # dPre is re-read once per d block: wide dW blocks, as far as the accumulator allows
     block_dw = max(16, min(128 if cols >= 64 else 64, _prev_pow2(bud.dw_lanes // cols)))

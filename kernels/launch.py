@@ -300,8 +300,7 @@ def backward(dy: Tensor, x: Tensor, router: Tensor, weight: Tensor, bias: Option
     dev, f32 = x.device, torch.float32
     B, n, k, m, l, d = P.B, P.n, P.k, P.m, P.l, P.d
     source = gather_source(x)
-    cfg = configs.backward_config(B, n, d, k, l, m, x.element_size(), capability(x), multiprocessors(x),
-                                  channels_inner=source == SRC_MAP)
+    cfg = configs.backward_config(B, n, d, k, l, m, x.element_size(), capability(x), multiprocessors(x))
     fc = cfg.fwd
     if dy.stride(-1) != 1:  # the kernels need unit-stride channels; (B, n) strides stay as they are
         dy = dy.contiguous()
@@ -332,7 +331,7 @@ def backward(dy: Tensor, x: Tensor, router: Tensor, weight: Tensor, bias: Option
             *((bias.stride()) if bias is not None else (0, 0)), *router.stride(), dy.stride(0), dy.stride(1),
             *dx.stride(), SOURCE=source, COMBINE=combine_code(combine), ACT=activation_code(activation),
             HAS_BIAS=bias is not None, FUSE_DS=fuse_ds, ONE_PASS=m <= fc.block_n + fc.block_n2 * fc.has_n2,
-            DX_HERE=dx_here, HAS_DS=has_ds, PREC=prec, N_POW2=min(fc.n_pow2, 256), BLOCK_D=fc.block_d,
+            DX_HERE=dx_here, PREC=prec, N_POW2=min(fc.n_pow2, 256), BLOCK_D=fc.block_d,
             HAS_N2=fc.has_n2,
             BLOCK_R=fc.block_r, BLOCK_N=fc.block_n, BLOCK_N2=fc.block_n2, BLOCK_DK=fc.block_dk, BLOCK_DT=cfg.block_dt,
             BLOCK_K=fc.block_k, DX_N=cfg.n_block, BLOCK_DX=cfg.block_dx, num_warps=fc.num_warps,

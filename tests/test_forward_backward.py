@@ -54,6 +54,7 @@ CASES = [
     (1, 2, 6, 9, 3, 3, 2, 1),     # B = 1, n = 6 (not a power of two), l = 1
     (3, 1, 4, 4, 1, 2, 3, 16),    # p = 1, l = n
     (2, 5, 6, 6, 3, 2, 5, 3),     # d = 45: not a multiple of the block
+    (1, 2, 18, 18, 2, 2, 2, 20),  # n = 81: the dX programs take two steps of 64 patches
 ]
 
 
