@@ -27,6 +27,8 @@ Sections, in order of value (a cut-off run keeps the first ones):
                softmax_all, bias + GELU, deterministic (bit-identical), channels-last input, both
                routes (pmoe.kernels.launch.ROUTE), the pooled epilogue.
   route        the one-launch forward vs the split route, both clocks, at every shape.
+  ring         the NCHW layer with its rings (forward row copy, backward T) as shipped and with
+               none (copies of the whole batch; configs.RING_BYTES = 0), both passes and clocks.
   pooled       forward_pooled vs layer + .sum((2, 3)).
   launches     each Triton launch timed alone beside the model's time for that launch.
   max_batch    the largest flagship training batch that fits (bounded search).
@@ -95,13 +97,14 @@ class Plan:
     timing: list = field(default_factory=list)     # (shape, dtype, kind, layout)
     variants: list = field(default_factory=list)   # (shape, dtype, variant)
     route: list = field(default_factory=list)      # (shape, dtype)
+    rings: list = field(default_factory=list)      # (shape, dtype)
     pooled: list = field(default_factory=list)     # (shape, dtype)
     launches: list = field(default_factory=list)   # (shape, dtype)
     max_batch: Optional[dict] = None               # largest_batch's start, cap, seconds
 
     def summary(self) -> str:
         return (f"{len(self.checks)} default checks, {len(self.timing)} timings, {len(self.variants)} variant "
-                f"checks, {len(self.route)} route, {len(self.pooled)} pooled, {len(self.launches)} per-launch, "
+                f"checks, {len(self.route)} route, {len(self.rings)} ring, {len(self.pooled)} pooled, {len(self.launches)} per-launch, "
                 f"max batch {'yes' if self.max_batch else 'no'}; shapes "
                 + ", ".join(f"{s.name} (B={self.batch[s.name]})" for s in self.shapes))
 
@@ -147,11 +150,12 @@ def make_plan(args, kernels: bool) -> Plan:
     main_dtype = fill(plan, variant_shape, kinds, kernels, args.quick)
     if kernels:
         plan.route = [(s, main_dtype) for s in shapes]
+        plan.rings = [(s, main_dtype) for s in shapes]
         plan.launches = [(s, main_dtype) for s in shapes]
     if not args.quick:
         plan.pooled = [(s, main_dtype) for s in shapes]
     if args.skip_timing:
-        plan.timing, plan.route, plan.pooled, plan.launches = [], [], [], []
+        plan.timing, plan.route, plan.rings, plan.pooled, plan.launches = [], [], [], [], []
     if args.skip_max_batch:
         plan.max_batch = None
     return plan
@@ -386,6 +390,9 @@ def run_sections(run: Run, plan: Plan, device: torch.device, backend: str, ctx: 
     with run.section("route"):
         run.rows("route_timing", plan.route, pair_label,
                  lambda it: gt.time_route(it[0], batch[it[0].name], it[1], ctx), _line_generic)
+    with run.section("ring"):
+        run.rows("ring_timing", plan.rings, pair_label,
+                 lambda it: gt.time_rings(it[0], batch[it[0].name], it[1], ctx), _line_generic)
     with run.section("pooled"):
         run.rows("pooled_timing", plan.pooled, pair_label,
                  lambda it: gt.time_pooled(it[0], batch[it[0].name], backend, it[1], ctx), _line_generic)

@@ -389,6 +389,68 @@ def time_route(shape: LayerShape, batch: int, dtype: torch.dtype, ctx: Context) 
     return row
 
 
+# ring caps (MB) the ring section times: 0 = no ring (copies of all B images), None = as shipped.  A
+# ring spans the groups in flight or is not used (configs.ring_images), so other caps only move
+# the threshold between these two.
+RING_SWEEP_MB = (0, None)
+
+
+def ring_images_of(fn: Callable) -> dict:
+    """{kernel: images its ring holds} (the `ring` / `t_ring` argument of each Triton launch)
+    over one call of fn, which runs as usual."""
+    from pmoe.kernels import launch
+
+    seen = {}
+
+    def record(kernel, grid, args, kwargs):
+        named = dict(zip(kernel.arg_names, args))
+        for key in ("ring", "t_ring"):
+            if key in named:
+                seen[gpu_model.kernel_name(kernel)] = int(named[key])
+        kernel[grid](*args, **kwargs)
+
+    saved, launch.RECORDER = launch.RECORDER, record
+    try:
+        fn()
+    finally:
+        launch.RECORDER = saved
+    return seen
+
+
+def time_rings(shape: LayerShape, batch: int, dtype: torch.dtype, ctx: Context) -> list:
+    """The fused layer on an NCHW map with its rings (the forward's row copy, the backward's T;
+    kernels/configs.RING_BYTES) capped at each of RING_SWEEP_MB: both passes, both clocks, the
+    images each ring got, and the time over the shipped cap's.  The model counts a ring's bytes
+    once in DRAM and does not time the writers' waits on a small ring, so whether a ring in L2
+    beats a copy of the batch, and which size does best, is this section's question."""
+    from pmoe.kernels import configs
+
+    torch.manual_seed(0)
+    layer = make_layer(shape, "triton", ctx.device, dtype)
+    randomize_router(layer)
+    x = _inputs(shape, batch, dtype, ctx.device, "nchw")
+    with torch.no_grad():
+        dy = torch.randn_like(layer(x))
+    shipped, rows = configs.RING_BYTES, []
+    try:
+        for mb in RING_SWEEP_MB:
+            configs.RING_BYTES = shipped if mb is None else mb << 20
+            for pass_name, fn in pass_fns(layer, x, dy).items():
+                rings = ring_images_of(fn)
+                rows.append({"shape": shape.name, "batch": batch, "dtype": dname(dtype), "pass": pass_name,
+                             "ring_mb": configs.RING_BYTES / 2**20, "shipped": mb is None,
+                             "ring_images": ", ".join(f"{k} {v}" for k, v in rings.items()) or None,
+                             **both_clocks(fn, ctx.device)})
+    finally:
+        configs.RING_BYTES = shipped
+    for row in rows:
+        ref = next(r for r in rows if r["shipped"] and r["pass"] == row["pass"])
+        for clock in ("events", "graph"):
+            a, b = row.get(f"{clock}_ms"), ref.get(f"{clock}_ms")
+            row[f"/shipped {clock}"] = a / b if a and b else None
+    return rows
+
+
 def time_pooled(shape: LayerShape, batch: int, backend: str, dtype: torch.dtype, ctx: Context) -> list:
     """forward_pooled vs layer(x).sum((2, 3)) on one backend, forward and forward+backward
     (events clock), with the bytes the pooled epilogue does not move: the map written and read

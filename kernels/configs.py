@@ -21,6 +21,7 @@ Sizes are chosen from the traffic model and the compile report, not guessed:
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import triton
@@ -124,8 +125,26 @@ def budget(elt_bytes: int, sm: int) -> Budget:
 # spans the groups in flight (one CTA an SM: SMs / (GROUP + TILES) groups' programs) and one
 # more, so a route program finds its slot free as the oldest group finishes; a ring over half the
 # 50 MB L2 of an H100 / H200 would not stay on chip while x and y stream past, and the copy is then
-# the size of x (B images).  In L2 the copy costs L2 traffic, not DRAM traffic.
-RING_BYTES = 24 << 20
+# the size of x (B images).  In L2 the copy costs L2 traffic, not DRAM traffic.  Untested on a GPU
+# so far: PMOE_RING_BYTES (bytes; 0: no ring, always B images) overrides it for a process, and
+# bench/gpu_check.py's ring section times the layer at several sizes (it sets RING_BYTES itself).
+RING_BYTES_DEFAULT = 24 << 20
+
+
+def _ring_bytes_from_env(default: int = RING_BYTES_DEFAULT) -> int:
+    text = os.environ.get("PMOE_RING_BYTES")
+    if text is None or not text.strip():
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"PMOE_RING_BYTES={text!r}: expected a whole number of bytes (0: no ring)") from None
+    if value < 0:
+        raise ValueError(f"PMOE_RING_BYTES={value}: must be >= 0 (0: no ring)")
+    return value
+
+
+RING_BYTES = _ring_bytes_from_env()
 
 
 def ring_images(B: int, group: int, period: int, image_bytes: int, sms: int = 132) -> int:
@@ -134,7 +153,7 @@ def ring_images(B: int, group: int, period: int, image_bytes: int, sms: int = 13
     programs); image_bytes: what one image takes in the ring."""
     groups = triton.cdiv(B, group)
     ring = max(2, triton.cdiv(sms, period) + 1)
-    if ring >= groups or ring * group * image_bytes > RING_BYTES:
+    if ring >= groups or ring * group * image_bytes > RING_BYTES:  # (RING_BYTES = 0: always B)
         return B
     return ring * group
 

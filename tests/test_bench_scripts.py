@@ -112,6 +112,12 @@ def test_gpu_check_cpu_smoke_runs_the_kernels(tmp_path):
     assert all(r["measured_us"] > 0 and r["config"] for rs in launches.values() for r in rs)
     assert doc["model"]["path"].startswith("bench/results/model-")
     assert "## Per launch" in md and "Traffic model:" in md
+    rings = doc["ring_timing"]  # no ring, then the shipped cap, each pass
+    assert [(r["ring_mb"], r["shipped"], r["pass"]) for r in rings] == [
+        (0, False, "forward"), (0, False, "forward+backward"), (24, True, "forward"), (24, True, "forward+backward")]
+    assert all(r["events_ms"] > 0 and r["/shipped events"] > 0 for r in rings)
+    assert "_forward_kernel" in rings[0]["ring_images"] and "_rows_bwd_kernel" in rings[1]["ring_images"]
+    assert "## Rings" in md
 
 
 def test_gpu_check_cpu_smoke_every_section(tmp_path):

@@ -244,6 +244,29 @@ def test_ring_spans_the_groups_in_flight():
     assert ring(13, 4, 2, 1, sms=1) == 8                   # at least 2 groups
 
 
+def test_ring_bytes_knob(monkeypatch):
+    """configs.RING_BYTES caps the rings (0: none, B images); PMOE_RING_BYTES sets it for a
+    process, and anything but a whole number of bytes >= 0 is refused by name."""
+    configs = launch.configs
+    monkeypatch.setattr(configs, "RING_BYTES", configs.RING_BYTES_DEFAULT)
+    assert configs.ring_images(4096, 4, 12, 3 << 18) == 4096  # 48 images of 768 KB: over the shipped 24 MB
+    monkeypatch.setattr(configs, "RING_BYTES", 0)
+    assert configs.ring_images(256, 8, 12, 640 * 64 * 2) == 256
+    assert configs.ring_images(64, 4, 12, 1024 * 256 * 2) == 64
+    monkeypatch.setattr(configs, "RING_BYTES", 48 << 20)
+    assert configs.ring_images(4096, 4, 12, 3 << 18) == 48    # ... within 48 MB
+    monkeypatch.delenv("PMOE_RING_BYTES", raising=False)
+    assert configs._ring_bytes_from_env() == configs.RING_BYTES_DEFAULT == 24 << 20
+    monkeypatch.setenv("PMOE_RING_BYTES", "0")
+    assert configs._ring_bytes_from_env() == 0
+    monkeypatch.setenv("PMOE_RING_BYTES", str(8 << 20))
+    assert configs._ring_bytes_from_env() == 8 << 20
+    for bad in ("24MB", "-1", "1.5"):
+        monkeypatch.setenv("PMOE_RING_BYTES", bad)
+        with pytest.raises(ValueError, match="PMOE_RING_BYTES"):
+            configs._ring_bytes_from_env()
+
+
 # ------------------------------------------------------------------ 3. device guard
 
 
