@@ -237,8 +237,18 @@ def estimate_compiles(plan: Plan, sm: int) -> tuple[Optional[int], str]:
     """Distinct kernel compiles the plan's fused-kernel rows need on a cold cache (the launches
     kernels/registry.py records on meta tensors, for sm), and a note on what is not counted."""
     try:
-        from pmoe.kernels import registry
-        total = sum(len(registry.launches(name, sm, problems)) for name, problems in plan_problems(plan).items())
+        from pmoe.kernels import configs, registry
+        total = 0
+        for name, problems in plan_problems(plan).items():
+            keys = {rec.key for rec in registry.launches(name, sm, problems)}
+            no_ring = [_problem(s, plan.batch[s.name], {}) for s, d in plan.rings
+                       if gpu_model.DTYPE_NAMES[gc.dname(d)] == name]
+            saved, configs.RING_BYTES = configs.RING_BYTES, 0  # the ring section's rows without rings
+            try:
+                keys |= {rec.key for rec in registry.launches(name, sm, no_ring)}
+            finally:
+                configs.RING_BYTES = saved
+            total += len(keys)
     except Exception as exc:  # e.g. under the interpreter, whose kernels carry no compile signature
         return None, f"not counted here: {type(exc).__name__}: {str(exc)[:120]}"
     note = f"about {total * SECONDS_PER_COMPILE:.0f} s at {SECONDS_PER_COMPILE} s each"
@@ -467,8 +477,8 @@ def main(argv=None) -> int:
            "fp32_matmul_precision": torch.get_float32_matmul_precision(),
            "plan": {"summary": plan.summary(), "compiles": compiles, "compiles_note": note},
            "tolerance": {gc.dname(k): v for k, v in gc.TOLERANCE.items()}, "tie_steps": gc.TIE_STEPS,
-           "correctness": [], "timing": [], "route_timing": [], "pooled_timing": [], "launch_timing": [],
-           "max_batch": [], "tracebacks": []}
+           "correctness": [], "timing": [], "route_timing": [], "ring_timing": [], "pooled_timing": [],
+           "launch_timing": [], "max_batch": [], "tracebacks": []}
     os.makedirs(args.out, exist_ok=True)
     run = Run(doc, report_stem(args.out, doc["machine"]["device"], args), args.budget_s, device)
     _install_signal_handlers(run)

@@ -389,7 +389,8 @@ def time_route(shape: LayerShape, batch: int, dtype: torch.dtype, ctx: Context) 
     return row
 
 
-# ring caps (MB) the ring section times: 0 = no ring (copies of all B images), None = as shipped.  A
+# ring caps (MB) the ring section times: 0 = no ring (copies of all B images), None = as shipped
+# (configs.RING_BYTES_DEFAULT, whatever PMOE_RING_BYTES says).  A
 # ring spans the groups in flight or is not used (configs.ring_images), so other caps only move
 # the threshold between these two.
 RING_SWEEP_MB = (0, None)
@@ -431,10 +432,10 @@ def time_rings(shape: LayerShape, batch: int, dtype: torch.dtype, ctx: Context) 
     x = _inputs(shape, batch, dtype, ctx.device, "nchw")
     with torch.no_grad():
         dy = torch.randn_like(layer(x))
-    shipped, rows = configs.RING_BYTES, []
+    saved, rows = configs.RING_BYTES, []
     try:
         for mb in RING_SWEEP_MB:
-            configs.RING_BYTES = shipped if mb is None else mb << 20
+            configs.RING_BYTES = configs.RING_BYTES_DEFAULT if mb is None else mb << 20
             for pass_name, fn in pass_fns(layer, x, dy).items():
                 rings = ring_images_of(fn)
                 rows.append({"shape": shape.name, "batch": batch, "dtype": dname(dtype), "pass": pass_name,
@@ -442,7 +443,7 @@ def time_rings(shape: LayerShape, batch: int, dtype: torch.dtype, ctx: Context) 
                              "ring_images": ", ".join(f"{k} {v}" for k, v in rings.items()) or None,
                              **both_clocks(fn, ctx.device)})
     finally:
-        configs.RING_BYTES = shipped
+        configs.RING_BYTES = saved
     for row in rows:
         ref = next(r for r in rows if r["shipped"] and r["pass"] == row["pass"])
         for clock in ("events", "graph"):

@@ -234,7 +234,8 @@ def dx_combine(pid, t_ptr, r_ptr, ds_ptr, inv_ptr, dsd_ptr, dx_ptr, B, n, k, l, 
                HAS_DS: tl.constexpr, DENSE: tl.constexpr, N_POW2: tl.constexpr, BLOCK_K: tl.constexpr,
                BLOCK_DX: tl.constexpr, PREC: tl.constexpr):
     """dX of one image, one d block (module docstring, step 2): per patch, the sum over the
-    experts that took it of T at its rank (inv) plus dS router_s, plus softmax_all's dense term;
+    experts that took it of T at its rank (inv), plus dS router_s with HAS_DS (where the step-1
+    tiles have not added it to T already), plus softmax_all's dense term;
     every patch's row stored once, in x's dtype and layout (zeros where no expert took it)."""
     d_blocks = tl.cdiv(d, BLOCK_DX)
     b = (pid // d_blocks).to(tl.int64)

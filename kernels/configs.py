@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import triton
 
@@ -126,9 +127,11 @@ def budget(elt_bytes: int, sm: int) -> Budget:
 # more, so a route program finds its slot free as the oldest group finishes; a ring over half the
 # 50 MB L2 of an H100 / H200 would not stay on chip while x and y stream past, and the copy is then
 # the size of x (B images).  In L2 the copy costs L2 traffic, not DRAM traffic.  Untested on a GPU
-# so far: PMOE_RING_BYTES (bytes; 0: no ring, always B images) overrides it for a process, and
-# bench/gpu_check.py's ring section times the layer at several sizes (it sets RING_BYTES itself).
+# so far: PMOE_RING_BYTES (bytes; 0: no ring, always B images) overrides the cap for a process,
+# read at each launch (a bad value is a ValueError there, not at import), and RING_BYTES, when
+# set, overrides both (bench/gpu_check.py's ring section times the layer with and without rings).
 RING_BYTES_DEFAULT = 24 << 20
+RING_BYTES: Optional[int] = None
 
 
 def _ring_bytes_from_env(default: int = RING_BYTES_DEFAULT) -> int:
@@ -144,16 +147,18 @@ def _ring_bytes_from_env(default: int = RING_BYTES_DEFAULT) -> int:
     return value
 
 
-RING_BYTES = _ring_bytes_from_env()
+def ring_bytes() -> int:
+    """The rings' cap: RING_BYTES if set, else PMOE_RING_BYTES, else RING_BYTES_DEFAULT."""
+    return RING_BYTES if RING_BYTES is not None else _ring_bytes_from_env()
 
 
 def ring_images(B: int, group: int, period: int, image_bytes: int, sms: int = 132) -> int:
-    """Images a ring of image groups holds (see RING_BYTES): B, or whole groups.  period: the
-    tickets of one group (forward: GROUP route programs + TILES; backward: copies, tiles and dX
+    """Images a ring of image groups holds (see RING_BYTES, ring_bytes()): B, or whole groups.
+    period: the tickets of one group (forward: GROUP route programs + TILES; backward: copies, tiles and dX
     programs); image_bytes: what one image takes in the ring."""
     groups = triton.cdiv(B, group)
     ring = max(2, triton.cdiv(sms, period) + 1)
-    if ring >= groups or ring * group * image_bytes > RING_BYTES:  # (RING_BYTES = 0: always B)
+    if ring >= groups or ring * group * image_bytes > ring_bytes():  # (a cap of 0: always B)
         return B
     return ring * group
 

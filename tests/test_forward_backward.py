@@ -55,6 +55,7 @@ CASES = [
     (3, 1, 4, 4, 1, 2, 3, 16),    # p = 1, l = n
     (2, 5, 6, 6, 3, 2, 5, 3),     # d = 45: not a multiple of the block
     (1, 2, 18, 18, 2, 2, 2, 20),  # n = 81: the dX programs take two steps of 64 patches
+    (1, 2, 16, 16, 2, 2, 2, 40),  # l = 40 > a tile's 32 rows (fp32): launch 2's dX programs add dS, not the tiles
 ]
 
 

@@ -232,9 +232,11 @@ def test_forward_row_ring_wraps_bit_identical(monkeypatch, combine, det, pooled)
         assert torch.equal(a, b)
 
 
-def test_ring_spans_the_groups_in_flight():
+def test_ring_spans_the_groups_in_flight(monkeypatch):
     """A ring: the groups whose programs fit on the SMs at once and one more; B when that covers
-    every group or would not stay in L2 (configs.RING_BYTES)."""
+    every group or would not stay in L2 (configs.RING_BYTES_DEFAULT)."""
+    monkeypatch.delenv("PMOE_RING_BYTES", raising=False)
+    assert launch.configs.RING_BYTES is None and launch.configs.ring_bytes() == 24 << 20
     ring = launch.configs.ring_images
     assert ring(256, 8, 12, 640 * 64 * 2) == (11 + 1) * 8  # WRN, 16-bit: 12 tickets a group, 132 SMs
     assert ring(64, 4, 12, 1024 * 256 * 2) == 48           # large: 12 of its 16 groups, 24 MB
@@ -245,26 +247,28 @@ def test_ring_spans_the_groups_in_flight():
 
 
 def test_ring_bytes_knob(monkeypatch):
-    """configs.RING_BYTES caps the rings (0: none, B images); PMOE_RING_BYTES sets it for a
-    process, and anything but a whole number of bytes >= 0 is refused by name."""
+    """The rings' cap: configs.RING_BYTES when set (0: no ring, B images), else PMOE_RING_BYTES,
+    read at each launch, else the default; anything but a whole number of bytes >= 0 in the
+    variable is a ValueError naming it, when a ring is sized (not at import)."""
     configs = launch.configs
-    monkeypatch.setattr(configs, "RING_BYTES", configs.RING_BYTES_DEFAULT)
-    assert configs.ring_images(4096, 4, 12, 3 << 18) == 4096  # 48 images of 768 KB: over the shipped 24 MB
-    monkeypatch.setattr(configs, "RING_BYTES", 0)
-    assert configs.ring_images(256, 8, 12, 640 * 64 * 2) == 256
-    assert configs.ring_images(64, 4, 12, 1024 * 256 * 2) == 64
-    monkeypatch.setattr(configs, "RING_BYTES", 48 << 20)
-    assert configs.ring_images(4096, 4, 12, 3 << 18) == 48    # ... within 48 MB
     monkeypatch.delenv("PMOE_RING_BYTES", raising=False)
-    assert configs._ring_bytes_from_env() == configs.RING_BYTES_DEFAULT == 24 << 20
+    assert configs.ring_images(4096, 4, 12, 3 << 18) == 4096  # 48 images of 768 KB: over the default 24 MB
+    monkeypatch.setenv("PMOE_RING_BYTES", str(48 << 20))
+    assert configs.ring_bytes() == 48 << 20
+    assert configs.ring_images(4096, 4, 12, 3 << 18) == 48    # ... within 48 MB
     monkeypatch.setenv("PMOE_RING_BYTES", "0")
-    assert configs._ring_bytes_from_env() == 0
-    monkeypatch.setenv("PMOE_RING_BYTES", str(8 << 20))
-    assert configs._ring_bytes_from_env() == 8 << 20
+    assert configs.ring_images(256, 8, 12, 640 * 64 * 2) == 256
+    monkeypatch.setattr(configs, "RING_BYTES", 24 << 20)     # set: over the variable
+    assert configs.ring_images(256, 8, 12, 640 * 64 * 2) == 96
+    monkeypatch.setattr(configs, "RING_BYTES", 0)
+    assert configs.ring_images(64, 4, 12, 1024 * 256 * 2) == 64
+    monkeypatch.setattr(configs, "RING_BYTES", None)
     for bad in ("24MB", "-1", "1.5"):
         monkeypatch.setenv("PMOE_RING_BYTES", bad)
         with pytest.raises(ValueError, match="PMOE_RING_BYTES"):
-            configs._ring_bytes_from_env()
+            configs.ring_images(256, 8, 12, 640 * 64 * 2)
+    monkeypatch.setenv("PMOE_RING_BYTES", " ")
+    assert configs.ring_bytes() == configs.RING_BYTES_DEFAULT
 
 
 # ------------------------------------------------------------------ 3. device guard
