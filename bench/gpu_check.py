@@ -104,7 +104,8 @@ class Plan:
 
     def summary(self) -> str:
         return (f"{len(self.checks)} default checks, {len(self.timing)} timings, {len(self.variants)} variant "
-                f"checks, {len(self.route)} route, {len(self.rings)} ring, {len(self.pooled)} pooled, {len(self.launches)} per-launch, "
+                f"checks, {len(self.route)} route, {len(self.rings)} ring, {len(self.pooled)} pooled, "
+                f"{len(self.launches)} per-launch, "
                 f"max batch {'yes' if self.max_batch else 'no'}; shapes "
                 + ", ".join(f"{s.name} (B={self.batch[s.name]})" for s in self.shapes))
 

@@ -390,9 +390,8 @@ def time_route(shape: LayerShape, batch: int, dtype: torch.dtype, ctx: Context) 
 
 
 # ring caps (MB) the ring section times: 0 = no ring (copies of all B images), None = as shipped
-# (configs.RING_BYTES_DEFAULT, whatever PMOE_RING_BYTES says).  A
-# ring spans the groups in flight or is not used (configs.ring_images), so other caps only move
-# the threshold between these two.
+# (configs.RING_BYTES_DEFAULT, whatever PMOE_RING_BYTES says).  A ring spans the groups in flight
+# or is not used (configs.ring_images), so other caps only move the threshold between these two.
 RING_SWEEP_MB = (0, None)
 
 

@@ -134,10 +134,10 @@ RING_BYTES_DEFAULT = 24 << 20
 RING_BYTES: Optional[int] = None
 
 
-def _ring_bytes_from_env(default: int = RING_BYTES_DEFAULT) -> int:
+def _ring_bytes_from_env() -> int:
     text = os.environ.get("PMOE_RING_BYTES")
     if text is None or not text.strip():
-        return default
+        return RING_BYTES_DEFAULT
     try:
         value = int(text)
     except ValueError:
@@ -154,8 +154,8 @@ def ring_bytes() -> int:
 
 def ring_images(B: int, group: int, period: int, image_bytes: int, sms: int = 132) -> int:
     """Images a ring of image groups holds (see RING_BYTES, ring_bytes()): B, or whole groups.
-    period: the tickets of one group (forward: GROUP route programs + TILES; backward: copies, tiles and dX
-    programs); image_bytes: what one image takes in the ring."""
+    period: the tickets of one group (forward: GROUP route programs + TILES; backward: copies,
+    tiles and dX programs); image_bytes: what one image takes in the ring."""
     groups = triton.cdiv(B, group)
     ring = max(2, triton.cdiv(sms, period) + 1)
     if ring >= groups or ring * group * image_bytes > ring_bytes():  # (a cap of 0: always B)

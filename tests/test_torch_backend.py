@@ -145,8 +145,6 @@ def test_torch_compile_traces_the_compiled_route(monkeypatch, intel):
     on one thread, where eagerly it runs the per-expert convolutions), the per-expert
     convolutions elsewhere; values as eager."""
     monkeypatch.setattr(TB, "_INTEL", intel)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     router, weight, _ = _params(64, 2, 4, 128, bias=False, dtype=torch.float32)
     x = torch.randn(2, 64, 4, 4)
     graphs = []
@@ -158,8 +156,10 @@ def test_torch_compile_traces_the_compiled_route(monkeypatch, intel):
     def f(x):
         return pmoe.pmoe_conv2d(x, router, weight, patch_size=2, top_l=2, backend="torch")
 
+    threads = torch.get_num_threads()
     torch._dynamo.reset()
     try:
+        torch.set_num_threads(1)
         y = torch.compile(f, backend=backend, fullgraph=True)(x)
         assert rel_err(y, f(x)) < 1e-5
     finally:
