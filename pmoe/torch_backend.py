@@ -1,10 +1,10 @@
 """The vectorised PyTorch path: the CPU implementation and the baseline the kernels must beat.
 
-Forward: the patch rows (one copy of the input, in (p, p, C) feature order; none for a
-channels-last input with p = 1), one batched matmul for all routing scores, one top-k (or sort)
-for the selection, then each expert's GEMM over its B*l chosen rows of the whole batch, gathered
-with one index_select, and one scatter of the gated results into the output (pooled: one sum
-over the chosen rows).  No Python loop over images or patches.  On CPU (float32, bfloat16,
+Forward: the patch rows (one copy of the input, in (p, p, C) feature order, by channel blocks
+for p = 1 on an NCHW CPU map; none for a channels-last input with p = 1), one batched matmul for
+all routing scores, one top-k (or sort) for the selection, then each expert's GEMM over its B*l
+chosen rows of the whole batch, gathered with one index_select, and one scatter of the gated
+results into the output (pooled: one sum over the chosen rows).  No Python loop over images or patches.  On CPU (float32, bfloat16,
 m >= 32) the experts run one at a time as oneDNN 1x1 convolutions, whose AVX-512 kernels run on
 every x86 vendor (MKL's sgemm, behind bmm, falls back to slower code on some), each expert's
 gathered rows used while in cache; otherwise, and on an Intel CPU with more than one thread or
@@ -91,11 +91,70 @@ def patches_from_map_hwc(x: torch.Tensor, p: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, n, p*p*C): the windows of patches_from_map with each one's features in
     (p, p, C) order.  The copy then moves runs of C contiguous channels (of the NHWC view)
     instead of runs of p pixels, several times faster on CPU for small p; no copy at all for a
-    channels-last x with p = 1.  Use with features_hwc on the router and weights: dot products do
-    not depend on the order."""
+    channels-last x with p = 1 (and for p = 1 on an NCHW map, a view whose copy is left to the
+    caller, except on CPU: see _nchw_rows_blocked).  Use with features_hwc on the router and
+    weights: dot products do not depend on the order."""
     B, C, H, W = x.shape
+    if p == 1 and _nchw_rows_blocked(x):
+        return _NCHWRows.apply(x) if x.requires_grad and torch.is_grad_enabled() else _nchw_rows(x)
     hp, wp = H // p, W // p
     return x.permute(0, 2, 3, 1).reshape(B, hp, p, wp, p, C).permute(0, 1, 3, 2, 4, 5).reshape(B, hp * wp, p * p * C)
+
+
+_ROWS_BLOCK_BYTES = 32768  # the strided reads of one channel block of an NCHW->rows copy: about L1d
+
+
+def _rows_channel_block(n: int, elt: int) -> int:
+    """Channels per block of _nchw_rows: a block's source, n pixels of each channel, about
+    _ROWS_BLOCK_BYTES (a power of two in [32, 256])."""
+    return max(32, min(256, 1 << max(0, (_ROWS_BLOCK_BYTES // (n * elt)).bit_length() - 1)))
+
+
+def _nchw_rows_blocked(x: torch.Tensor) -> bool:
+    """Whether the 1x1 patch rows of x, (B, H*W, C), are copied channel block by channel block
+    (_nchw_rows) rather than by one copy of the transposed view: an NCHW-contiguous CPU map with
+    more channels than a block, run eagerly (torch.compile and torch.export make their own
+    transposition: the plain view).
+
+    ATen's copy of a transposed (C, n) -> (n, C) view walks the source channel by channel at a
+    stride of n elements, and for hundreds of channels the lines it touches do not stay in
+    cache; a block of channels that fits L1 is read once.  Measured on the 2-core Intel Xeon
+    (float32, bench layers and flagship-like maps, each copy alone): WRN-pMoE's input, (64, 640,
+    8, 8), 3.2-3.4 ms one copy against 1.6-1.9 ms in blocks of 128 on one thread, 1.6 against
+    0.8-0.9 ms on two; (32, 512, 16, 16) 4.9 against 2.7-3.0 ms; (16, 256, 32, 32) 4.3 against
+    3.0 ms; (8, 2048, 8, 8) 1.3 against 0.7 ms.  Not for p > 1: blocking the p x p windows' copy
+    of the large bench layer (C = 256, p = 2) gained nothing (3.9-4.4 ms either way)."""
+    if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous() or torch.compiler.is_compiling():
+        return False
+    B, C, H, W = x.shape
+    return C > _rows_channel_block(H * W, x.element_size()) and B * H * W > 0
+
+
+def _nchw_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (B, C, H, W), NCHW-contiguous -> its 1x1 patch rows (B, H*W, C), contiguous, copied
+    channel block by channel block (see _nchw_rows_blocked)."""
+    B, C, H, W = x.shape
+    src = x.view(B, C, H * W).transpose(1, 2)
+    out = torch.empty((B, H * W, C), dtype=x.dtype, device=x.device)
+    step = _rows_channel_block(H * W, x.element_size())
+    for c0 in range(0, C, step):
+        out[:, :, c0:c0 + step].copy_(src[:, :, c0:c0 + step])
+    return out
+
+
+class _NCHWRows(torch.autograd.Function):
+    """_nchw_rows with the gradient of the view it copies: the rows' gradient as a
+    (B, C, H, W) view of its (B, H*W, C) memory, exactly what the plain view's gradient is."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.hw = x.shape[2:]
+        return _nchw_rows(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        B, n, C = grad.shape
+        return grad.reshape(B, *ctx.hw, C).permute(0, 3, 1, 2)
 
 
 def features_hwc(t: torch.Tensor, C: int, p: int) -> torch.Tensor:
@@ -478,7 +537,8 @@ def _experts_forward(xr, weight, bias, sel, lse, idx, o: _Call):
         with nvtx_range("pmoe.experts"):
             xg = xr.index_select(0, rows[s0:s1].reshape(-1)).view(s1 - s0, R, xr.shape[1]).to(cdt)
             pre = expert_gemm(xg, w[s0:s1], None if b is None else b[s0:s1], l)
-            h = act(pre) * gk[s0:s1]
+            h = act(pre)  # a new tensor (gated in place), except for identity: pre is kept
+            h = h.mul_(gk[s0:s1]) if h is not pre else h * gk[s0:s1]
         with nvtx_range("pmoe.pool" if o.pooled else "pmoe.combine"):
             y = _new_output(h, N, B, k, m, o) if y is None else y
             _put(y, h, rows[s0:s1], s0, k, o)

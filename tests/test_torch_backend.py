@@ -48,6 +48,7 @@ CASES = [  # B, C, H, W, p, k, m, l
     (3, 3, 8, 8, 2, 4, 5, 5),
     (2, 4, 6, 6, 1, 3, 2, 36),   # l = n
     (4, 2, 6, 9, 3, 2, 3, 1),    # l = 1, n = 6
+    (2, 300, 4, 4, 1, 3, 4, 5),  # NCHW rows copied in two channel blocks (256 + 44)
 ]
 
 
@@ -93,6 +94,52 @@ def test_gradient_from_an_nchw_consumer_matches_reference(gemm, combine, monkeyp
     assert taken
     for a, b in zip(got, torch.autograd.grad(y_ref, params, dy)):
         assert rel_err(a, b) < TOL
+
+
+def test_nchw_rows_copied_in_channel_blocks():
+    """p = 1 on an NCHW CPU map with more channels than a block: the rows are copied block by
+    block (_nchw_rows), the same values as one copy of the transposed view, and the gradient is
+    the view's (same values, same strides), differentiable twice."""
+    x = torch.randn(2, 300, 4, 3, dtype=F64, requires_grad=True)
+    assert TB._rows_channel_block(12, 8) == 256 and TB._nchw_rows_blocked(x)
+    rows = TB.patches_from_map_hwc(x, 1)
+    view = x.permute(0, 2, 3, 1).reshape(2, 12, 300)
+    assert rows.is_contiguous() and torch.equal(rows, view)
+    dy = torch.randn(rows.shape, dtype=F64)
+    (got,), (want,) = torch.autograd.grad(rows, [x], dy), torch.autograd.grad(view, [x], dy)
+    assert torch.equal(got, want) and got.stride() == want.stride()
+    small = torch.randn(2, 40, 3, 2, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: TB._NCHWRows.apply(t).square(), (small,))
+    with torch.no_grad():
+        assert TB.patches_from_map_hwc(x, 1).grad_fn is None
+    # a channels-last map is its own rows (a view), and a block's worth of channels one copy
+    assert not TB._nchw_rows_blocked(x.detach().contiguous(memory_format=torch.channels_last))
+    assert not TB._nchw_rows_blocked(torch.randn(2, 256, 4, 3, dtype=F64))
+    assert not TB._nchw_rows_blocked(torch.randn(2, 300, 4, 3, device="meta"))
+
+
+def test_torch_compile_copies_nchw_rows_its_own_way():
+    """Under torch.compile the rows are the plain view (inductor makes its own transposition),
+    with the eager blocked copy's values."""
+    router, weight, _ = _params(300, 1, 2, 8, bias=False, dtype=torch.float32)
+    x = torch.randn(2, 300, 4, 4)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def f(x):
+        return pmoe.pmoe_conv2d(x, router, weight, patch_size=1, top_l=3, backend="torch")
+
+    torch._dynamo.reset()
+    try:
+        y = torch.compile(f, backend=backend, fullgraph=True)(x)
+    finally:
+        torch._dynamo.reset()
+    assert rel_err(y, f(x)) < 1e-6
+    targets = [getattr(node.target, "__name__", str(node.target)) for gm in graphs for node in gm.graph.nodes]
+    assert "copy_" not in targets, targets
 
 
 @pytest.mark.parametrize("activation", ["gelu", "silu", "identity"])
