@@ -124,10 +124,10 @@ def _nchw_rows_blocked(x: torch.Tensor) -> bool:
     0.8-0.9 ms on two; (32, 512, 16, 16) 4.9 against 2.7-3.0 ms; (16, 256, 32, 32) 4.3 against
     3.0 ms; (8, 2048, 8, 8) 1.3 against 0.7 ms.  Not for p > 1: blocking the p x p windows' copy
     of the large bench layer (C = 256, p = 2) gained nothing (3.9-4.4 ms either way)."""
-    if x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous() or torch.compiler.is_compiling():
+    if (x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous() or x.stride(1) == 1
+            or x.numel() == 0 or torch.compiler.is_compiling()):  # (stride 1: a single pixel, a view)
         return False
-    B, C, H, W = x.shape
-    return C > _rows_channel_block(H * W, x.element_size()) and B * H * W > 0
+    return x.shape[1] > _rows_channel_block(x.shape[2] * x.shape[3], x.element_size())
 
 
 def _nchw_rows(x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +135,7 @@ def _nchw_rows(x: torch.Tensor) -> torch.Tensor:
     channel block by channel block (see _nchw_rows_blocked)."""
     B, C, H, W = x.shape
     src = x.view(B, C, H * W).transpose(1, 2)
-    out = torch.empty((B, H * W, C), dtype=x.dtype, device=x.device)
+    out = x.new_empty((B, H * W, C))
     step = _rows_channel_block(H * W, x.element_size())
     for c0 in range(0, C, step):
         out[:, :, c0:c0 + step].copy_(src[:, :, c0:c0 + step])

@@ -116,6 +116,8 @@ def test_nchw_rows_copied_in_channel_blocks():
     assert not TB._nchw_rows_blocked(x.detach().contiguous(memory_format=torch.channels_last))
     assert not TB._nchw_rows_blocked(torch.randn(2, 256, 4, 3, dtype=F64))
     assert not TB._nchw_rows_blocked(torch.randn(2, 300, 4, 3, device="meta"))
+    assert not TB._nchw_rows_blocked(torch.randn(2, 300, 1, 1, dtype=F64))  # one pixel: rows are a view
+    assert not TB._nchw_rows_blocked(torch.randn(0, 300, 4, 3, dtype=F64))
 
 
 def test_torch_compile_copies_nchw_rows_its_own_way():
