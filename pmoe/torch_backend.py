@@ -112,8 +112,9 @@ def _rows_channel_block(n: int, elt: int) -> int:
 
 def _nchw_rows_blocked(x: torch.Tensor) -> bool:
     """Whether the 1x1 patch rows of x, (B, H*W, C), are copied channel block by channel block
-    (_nchw_rows) rather than by one copy of the transposed view: an NCHW-contiguous CPU map with
-    more channels than a block, run eagerly (torch.compile and torch.export make their own
+    (_nchw_rows) rather than by one copy of the transposed view: an NCHW-contiguous CPU map of
+    more than one image and pixel (else the rows are a view) with more channels than a block, run
+    eagerly (torch.compile and torch.export make their own
     transposition: the plain view).
 
     ATen's copy of a transposed (C, n) -> (n, C) view walks the source channel by channel at a
@@ -123,10 +124,10 @@ def _nchw_rows_blocked(x: torch.Tensor) -> bool:
     8, 8), 3.2-3.4 ms one copy against 1.6-1.9 ms in blocks of 128 on one thread, 1.6 against
     0.8-0.9 ms on two; (32, 512, 16, 16) 4.9 against 2.7-3.0 ms; (16, 256, 32, 32) 4.3 against
     3.0 ms; (8, 2048, 8, 8) 1.3 against 0.7 ms.  Not for p > 1: blocking the p x p windows' copy
-    of the large bench layer (C = 256, p = 2) gained nothing (3.9-4.4 ms either way)."""
+    of the large bench layer (C = 256, p = 2) gained nothing that held up (3.6-4.4 ms either way)."""
     if (x.device.type != "cpu" or x.dim() != 4 or not x.is_contiguous() or x.stride(1) == 1
-            or x.numel() == 0 or torch.compiler.is_compiling()):  # (stride 1: a single pixel, a view)
-        return False
+            or x.numel() == 0 or x.shape[0] == 1 or torch.compiler.is_compiling()):
+        return False  # (one pixel, or one image: the (B*n, C) rows are a view, transposed or not)
     return x.shape[1] > _rows_channel_block(x.shape[2] * x.shape[3], x.element_size())
 
 

@@ -104,6 +104,7 @@ def test_nchw_rows_copied_in_channel_blocks():
     assert TB._rows_channel_block(12, 8) == 256 and TB._nchw_rows_blocked(x)
     rows = TB.patches_from_map_hwc(x, 1)
     view = x.permute(0, 2, 3, 1).reshape(2, 12, 300)
+    assert type(rows.grad_fn).__name__ == "_NCHWRowsBackward"
     assert rows.is_contiguous() and torch.equal(rows, view)
     dy = torch.randn(rows.shape, dtype=F64)
     (got,), (want,) = torch.autograd.grad(rows, [x], dy), torch.autograd.grad(view, [x], dy)
@@ -118,6 +119,7 @@ def test_nchw_rows_copied_in_channel_blocks():
     assert not TB._nchw_rows_blocked(torch.randn(2, 300, 4, 3, device="meta"))
     assert not TB._nchw_rows_blocked(torch.randn(2, 300, 1, 1, dtype=F64))  # one pixel: rows are a view
     assert not TB._nchw_rows_blocked(torch.randn(0, 300, 4, 3, dtype=F64))
+    assert not TB._nchw_rows_blocked(torch.randn(1, 300, 4, 3, dtype=F64))  # one image: a view too
 
 
 def test_torch_compile_copies_nchw_rows_its_own_way():
