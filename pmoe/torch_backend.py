@@ -4,12 +4,13 @@ Forward: the patch rows (one copy of the input, in (p, p, C) feature order, by c
 for p = 1 on an NCHW CPU map; none for a channels-last input with p = 1), one batched matmul for
 all routing scores, one top-k (or sort) for the selection, then each expert's GEMM over its B*l
 chosen rows of the whole batch, gathered with one index_select, and one scatter of the gated
-results into the output (pooled: one sum over the chosen rows).  No Python loop over images or patches.  On CPU (float32, bfloat16,
-m >= 32) the experts run one at a time as oneDNN 1x1 convolutions, whose AVX-512 kernels run on
-every x86 vendor (MKL's sgemm, behind bmm, falls back to slower code on some), each expert's
-gathered rows used while in cache; otherwise, and on an Intel CPU with more than one thread or
-under torch.compile (float32), or a CPU with bf16 GEMM instructions (bfloat16), all experts run
-in one bmm (see _onednn).  Compiled, the row additions are one custom op (_add_rows).
+results into the output (pooled: one sum over the chosen rows).  No Python loop over images or
+patches.  On CPU (float32, bfloat16, m >= 32) the experts run one at a time as oneDNN 1x1
+convolutions, whose AVX-512 kernels run on every x86 vendor (MKL's sgemm, behind bmm, falls back
+to slower code on some), each expert's gathered rows used while in cache; otherwise, and on an
+Intel CPU with more than one thread or under torch.compile (float32), or a CPU with bf16 GEMM
+instructions (bfloat16), all experts run in one bmm (see _onednn).  Compiled, the row additions
+are one custom op (_add_rows).
 
 Backward: a custom autograd.Function (_RoutedExperts) with a hand-written backward.  It keeps the
 patch rows, the chosen rows' numbers, the gates and the experts' pre-activations (B*k*l*m
@@ -114,8 +115,7 @@ def _nchw_rows_blocked(x: torch.Tensor) -> bool:
     """Whether the 1x1 patch rows of x, (B, H*W, C), are copied channel block by channel block
     (_nchw_rows) rather than by one copy of the transposed view: an NCHW-contiguous CPU map of
     more than one image and pixel (else the rows are a view) with more channels than a block, run
-    eagerly (torch.compile and torch.export make their own
-    transposition: the plain view).
+    eagerly (torch.compile and torch.export make their own transposition: the plain view).
 
     ATen's copy of a transposed (C, n) -> (n, C) view walks the source channel by channel at a
     stride of n elements, and for hundreds of channels the lines it touches do not stay in
