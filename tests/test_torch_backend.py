@@ -127,23 +127,30 @@ def test_torch_compile_copies_nchw_rows_its_own_way():
     with the eager blocked copy's values."""
     router, weight, _ = _params(300, 1, 2, 8, bias=False, dtype=torch.float32)
     x = torch.randn(2, 300, 4, 4)
+
+    def f(x):
+        return pmoe.pmoe_conv2d(x, router, weight, patch_size=1, top_l=3, backend="torch")
+
+    y, targets = _compiled_ops(f, x)
+    assert rel_err(y, f(x)) < 1e-6
+    assert "copy_" not in targets, targets
+
+
+def _compiled_ops(f, x):
+    """f compiled by dynamo (fullgraph) on x, with a backend that keeps the traced graphs: ->
+    (the compiled output, the names of the graphs' ops)."""
     graphs = []
 
     def backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
-    def f(x):
-        return pmoe.pmoe_conv2d(x, router, weight, patch_size=1, top_l=3, backend="torch")
-
     torch._dynamo.reset()
     try:
         y = torch.compile(f, backend=backend, fullgraph=True)(x)
     finally:
         torch._dynamo.reset()
-    assert rel_err(y, f(x)) < 1e-6
-    targets = [getattr(node.target, "__name__", str(node.target)) for gm in graphs for node in gm.graph.nodes]
-    assert "copy_" not in targets, targets
+    return y, [getattr(node.target, "__name__", str(node.target)) for gm in graphs for node in gm.graph.nodes]
 
 
 @pytest.mark.parametrize("activation", ["gelu", "silu", "identity"])
@@ -198,25 +205,17 @@ def test_torch_compile_traces_the_compiled_route(monkeypatch, intel):
     monkeypatch.setattr(TB, "_INTEL", intel)
     router, weight, _ = _params(64, 2, 4, 128, bias=False, dtype=torch.float32)
     x = torch.randn(2, 64, 4, 4)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
 
     def f(x):
         return pmoe.pmoe_conv2d(x, router, weight, patch_size=2, top_l=2, backend="torch")
 
     threads = torch.get_num_threads()
-    torch._dynamo.reset()
     try:
         torch.set_num_threads(1)
-        y = torch.compile(f, backend=backend, fullgraph=True)(x)
+        y, targets = _compiled_ops(f, x)
         assert rel_err(y, f(x)) < 1e-5
     finally:
-        torch._dynamo.reset()
         torch.set_num_threads(threads)
-    targets = [getattr(node.target, "__name__", str(node.target)) for gm in graphs for node in gm.graph.nodes]
     onednn = TB._MKLDNN and not intel
     assert ("conv2d" in targets) == onednn, targets
     # the routing scores are one bmm on every route; the experts' one more on the bmm route
