@@ -94,10 +94,24 @@ def patches_from_map_hwc(x: torch.Tensor, p: int) -> torch.Tensor:
     instead of runs of p pixels, several times faster on CPU for small p; no copy at all for a
     channels-last x with p = 1 (and for p = 1 on an NCHW map, a view whose copy is left to the
     caller, except on CPU: see _nchw_rows_blocked).  Use with features_hwc on the router and
-    weights: dot products do not depend on the order."""
+    weights: dot products do not depend on the order.
+
+    The gradient comes back in x's memory format, as the fused kernels' dX and nn.Conv2d's input
+    gradient do.  The plain ops' gradient is the rows' memory seen as a map, i.e. channels-last:
+    right for a channels-last x, but for an NCHW x (_NCHWRows writes it NCHW in one copy) it sent
+    BatchNorm's and the convolution's CPU backward of an NCHW network down their mixed-layout
+    paths (the flagship's training step: 1.07x its dense twin's, 0.99x with the NCHW gradient),
+    or cost a leaf input's AccumulateGrad one more copy."""
+    if x.requires_grad and torch.is_grad_enabled() and not x.is_contiguous(memory_format=torch.channels_last):
+        return _NCHWRows.apply(x, p)
+    return _rows(x, p)
+
+
+def _rows(x: torch.Tensor, p: int) -> torch.Tensor:
+    """patches_from_map_hwc's rows, without its gradient's layout."""
     B, C, H, W = x.shape
     if p == 1 and _nchw_rows_blocked(x):
-        return _NCHWRows.apply(x) if x.requires_grad and torch.is_grad_enabled() else _nchw_rows(x)
+        return _nchw_rows(x)
     hp, wp = H // p, W // p
     return x.permute(0, 2, 3, 1).reshape(B, hp, p, wp, p, C).permute(0, 1, 3, 2, 4, 5).reshape(B, hp * wp, p * p * C)
 
@@ -144,18 +158,20 @@ def _nchw_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class _NCHWRows(torch.autograd.Function):
-    """_nchw_rows with the gradient of the view it copies: the rows' gradient as a
-    (B, C, H, W) view of its (B, H*W, C) memory, exactly what the plain view's gradient is."""
+    """The patch rows of a map that is not channels-last (_rows), whose gradient is written
+    NCHW-contiguous: one copy of the rows' gradient, transposed back, differentiable again."""
 
     @staticmethod
-    def forward(ctx, x):
-        ctx.hw = x.shape[2:]
-        return _nchw_rows(x)
+    def forward(ctx, x, p):
+        ctx.shape, ctx.p = x.shape, p
+        return _rows(x, p)
 
     @staticmethod
     def backward(ctx, grad):
-        B, n, C = grad.shape
-        return grad.reshape(B, *ctx.hw, C).permute(0, 3, 1, 2)
+        B, C, H, W = ctx.shape
+        p = ctx.p
+        src = grad.reshape(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, H/p, p, W/p, p)
+        return src.contiguous().view(B, C, H, W), None
 
 
 def features_hwc(t: torch.Tensor, C: int, p: int) -> torch.Tensor:

@@ -99,7 +99,7 @@ def test_gradient_from_an_nchw_consumer_matches_reference(gemm, combine, monkeyp
 def test_nchw_rows_copied_in_channel_blocks():
     """p = 1 on an NCHW CPU map with more channels than a block: the rows are copied block by
     block (_nchw_rows), the same values as one copy of the transposed view, and the gradient is
-    the view's (same values, same strides), differentiable twice."""
+    the view's values, NCHW-contiguous like x, differentiable twice."""
     x = torch.randn(2, 300, 4, 3, dtype=F64, requires_grad=True)
     assert TB._rows_channel_block(12, 8) == 256 and TB._nchw_rows_blocked(x)
     rows = TB.patches_from_map_hwc(x, 1)
@@ -108,9 +108,9 @@ def test_nchw_rows_copied_in_channel_blocks():
     assert rows.is_contiguous() and torch.equal(rows, view)
     dy = torch.randn(rows.shape, dtype=F64)
     (got,), (want,) = torch.autograd.grad(rows, [x], dy), torch.autograd.grad(view, [x], dy)
-    assert torch.equal(got, want) and got.stride() == want.stride()
+    assert torch.equal(got, want) and got.is_contiguous()
     small = torch.randn(2, 40, 3, 2, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda t: TB._NCHWRows.apply(t).square(), (small,))
+    assert torch.autograd.gradgradcheck(lambda t: TB._NCHWRows.apply(t, 1).square(), (small,))
     with torch.no_grad():
         assert TB.patches_from_map_hwc(x, 1).grad_fn is None
     # a channels-last map is its own rows (a view), and a block's worth of channels one copy
@@ -120,6 +120,40 @@ def test_nchw_rows_copied_in_channel_blocks():
     assert not TB._nchw_rows_blocked(torch.randn(2, 300, 1, 1, dtype=F64))  # one pixel: rows are a view
     assert not TB._nchw_rows_blocked(torch.randn(0, 300, 4, 3, dtype=F64))
     assert not TB._nchw_rows_blocked(torch.randn(1, 300, 4, 3, dtype=F64))  # one image: a view too
+
+
+@pytest.mark.parametrize("p", [1, 2, 3])
+@pytest.mark.parametrize("B", [1, 2])
+def test_patch_rows_gradient_in_the_maps_layout(p, B):
+    """The rows' gradient reaches the map in the map's memory format (as nn.Conv2d's and the
+    fused kernels' do), with the plain ops' values: NCHW-contiguous for an NCHW map and for any
+    other strides, channels-last for a channels-last map; differentiable twice."""
+    base = torch.randn(B, 5, 3 * p, 2 * p, dtype=F64)
+    for x, fmt in ((base, torch.contiguous_format), (base.contiguous(memory_format=torch.channels_last),
+                                                     torch.channels_last), (base[:, 1:4], torch.contiguous_format)):
+        x = x.detach().requires_grad_()
+        rows = TB.patches_from_map_hwc(x, p)
+        plain = x.permute(0, 2, 3, 1).reshape(B, 3, p, 2, p, x.shape[1]).permute(0, 1, 3, 2, 4, 5).reshape(rows.shape)
+        assert torch.equal(rows, plain)
+        dy = torch.randn(rows.shape, dtype=F64)
+        (got,), (want,) = torch.autograd.grad(rows, [x], dy), torch.autograd.grad(plain, [x], dy)
+        assert torch.equal(got, want) and got.is_contiguous(memory_format=fmt), (got.stride(), fmt)
+    small = torch.randn(B, 3, 2 * p, p, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: TB.patches_from_map_hwc(t, p).square(), (small,))
+
+
+def test_layer_input_gradient_in_the_maps_layout():
+    """In a network the gradient that reaches the layer's (non-leaf) input has that input's
+    memory format, on the PyTorch path as on the kernels' (an NCHW gradient for an NCHW map)."""
+    router, weight, _ = _params(6, 2, 3, 4, bias=False, dtype=torch.float32)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x0 = torch.randn(3, 6, 8, 8, requires_grad=True)
+        x = (x0 * 2).contiguous(memory_format=fmt)
+        seen = []
+        x.register_hook(lambda g: seen.append(g))
+        y = pmoe.pmoe_conv2d(x, router, weight, patch_size=2, top_l=5, backend="torch")
+        y.square().sum().backward()
+        assert seen[0].is_contiguous(memory_format=fmt), (seen[0].stride(), fmt)
 
 
 def test_torch_compile_copies_nchw_rows_its_own_way():
