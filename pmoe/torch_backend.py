@@ -316,17 +316,32 @@ def _as_nhwc(rows: torch.Tensor, l: int) -> torch.Tensor:
     return rows.view(R // l, l, 1, c).permute(0, 3, 1, 2)
 
 
+# Experts of at most this many neurons run their forward GEMM on CPU as w @ xg^T, R columns,
+# and transpose the small (kb, m, R) result: MKL's bmm (torch 2.13, 2-core Intel Xeon, float32)
+# runs xg @ w^T with N = m of a few columns slowly.  The paper's k = 8, l = 6 MNIST layer, (8, 120,
+# 784) @ (8, 784, 5): 181 -> 134 us on one thread, 89 -> 42 on two; its forward over the dense
+# conv's 2.29 -> 2.14 and 2.18 -> 2.02 (interleaved runs).  At m = 16 (4, 1024, 512) it was 1.5x
+# slower, and the backward's products (dX, dW) were slower in this form at every m tried (5-160).
+_THIN_M = 8
+
+
 def expert_gemm(xg: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], l: int) -> torch.Tensor:
     """A block of kb experts' GEMMs over their rows of the whole batch: xg (kb, R, d) gathered
     rows (R = B*l), w (kb, m, d), b (kb, m) or None -> pre-activations (kb, R, m) = xg @ w^T + b.
-    One bmm; a 1x1 convolution for a one-expert block on the oneDNN route."""
+    One bmm (w @ xg^T for experts of at most _THIN_M neurons on CPU); a 1x1 convolution for a
+    one-expert block on the oneDNN route."""
     kb, R, _ = xg.shape
     m = w.shape[1]
     if kb == 1 and _onednn(xg, m, xg.shape[2]):
         out = F.conv2d(_as_nhwc(xg[0], l), w[0].view(m, -1, 1, 1), None if b is None else b[0])
         return out.permute(0, 2, 3, 1).reshape(1, R, m)
+    if m <= _THIN_M and xg.device.type == "cpu":  # (kb, m, R), transposed back: see _THIN_M
+        xt = xg.transpose(1, 2)
+        pre = torch.bmm(w, xt) if b is None else torch.baddbmm(b.unsqueeze(2), w, xt)
+        return pre.transpose(1, 2).contiguous()
     wt = w.transpose(1, 2)
     return torch.bmm(xg, wt) if b is None else torch.baddbmm(b.unsqueeze(1), xg, wt)
+
 
 
 def expert_gemm_backward(dpre: torch.Tensor, xg: Optional[torch.Tensor], w: torch.Tensor, l: int, need_dx: bool,

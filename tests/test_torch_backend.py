@@ -49,6 +49,7 @@ CASES = [  # B, C, H, W, p, k, m, l
     (2, 4, 6, 6, 1, 3, 2, 36),   # l = n
     (4, 2, 6, 9, 3, 2, 3, 1),    # l = 1, n = 6
     (2, 300, 4, 4, 1, 3, 4, 5),  # NCHW rows copied in two channel blocks (256 + 44)
+    (2, 3, 4, 4, 2, 2, 12, 3),   # m > _THIN_M: the forward's plain bmm (the others run w @ xg^T)
 ]
 
 
