@@ -22,7 +22,7 @@ import torch
 
 from . import vocab
 from .routing import Routing, resolve_top_l
-from .torch_backend import autocast_dtype, patches_from_map_hwc, pmoe_patches_torch
+from .torch_backend import autocast_dtype, channels_last, patches_from_map_hwc, pmoe_patches_torch
 from .vocab import Options
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -118,8 +118,10 @@ def _torch(x: torch.Tensor, router: torch.Tensor, weight: torch.Tensor, bias: Op
            o: Options) -> tuple[torch.Tensor, Routing]:
     """The PyTorch path on the patch rows, each patch's features in (p, p, C) order (the
     parameters follow inside the path): the same dot products, but the patch copy moves C-long
-    runs of the NHWC view, several times faster on CPU than the unfold order's p-long runs."""
-    return pmoe_patches_torch(patches_from_map_hwc(x, o.p), router, weight, bias, o, cp=(x.shape[1], o.p))
+    runs of the NHWC view, several times faster on CPU than the unfold order's p-long runs.  The
+    output follows x's memory format (channels-last or not)."""
+    return pmoe_patches_torch(patches_from_map_hwc(x, o.p), router, weight, bias, o, cp=(x.shape[1], o.p),
+                              map_out=not channels_last(x))
 
 
 def _triton(x: torch.Tensor, router: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -207,9 +209,11 @@ def pmoe_conv2d(
     """Patch-level routed MoE on a feature map (SPEC §1).
 
     x: (B, C, H, W); router: (k, C*p*p) in unfold order; weight: (k, m, C, p, p); bias: (k, m).
-    Returns y: (B, k*m, H/p, W/p) for "concat", (B, m, H/p, W/p) for "sum" (a channels-last
-    view: the kernels write each patch's channels contiguously), and, with return_routing, the
-    Routing (indices (B, k, l) int64, gates (B, k, l)).  pooled: see pmoe_conv2d_pooled.
+    Returns y: (B, k*m, H/p, W/p) for "concat", (B, m, H/p, W/p) for "sum", and, with
+    return_routing, the Routing (indices (B, k, l) int64, gates (B, k, l)).  pooled: see
+    pmoe_conv2d_pooled.  Memory format: the PyTorch path's y is x's (NCHW unless x is
+    channels-last, as from nn.Conv2d); the fused kernels' is a channels-last view (they write
+    each patch's channels contiguously).
     """
     n, weight2d = _check_conv2d(x, router, weight, bias, patch_size, combine, gate, activation, backend)
     o = _options(patch_size, top_l, n, combine, gate, activation, deterministic, pooled)

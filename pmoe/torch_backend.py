@@ -4,8 +4,8 @@ Forward: the patch rows (one copy of the input, in (p, p, C) feature order, by c
 for p = 1 on an NCHW CPU map; none for a channels-last input with p = 1), one batched matmul for
 all routing scores, one top-k (or sort) for the selection, then each expert's GEMM over its B*l
 chosen rows of the whole batch, gathered with one index_select, and one scatter of the gated
-results into the output (pooled: one sum over the chosen rows).  No Python loop over images or
-patches.  On CPU (float32, bfloat16, m >= 32) the experts run one at a time as oneDNN 1x1
+results into the output (pooled: one sum over the chosen rows), which comes out in the input's
+memory format (_Call.map_out).  No Python loop over images or patches.  On CPU (float32, bfloat16, m >= 32) the experts run one at a time as oneDNN 1x1
 convolutions, whose AVX-512 kernels run on every x86 vendor (MKL's sgemm, behind bmm, falls back
 to slower code on some), each expert's gathered rows used while in cache; otherwise, and on an
 Intel CPU with more than one thread or under torch.compile (float32), or a CPU with bf16 GEMM
@@ -19,7 +19,7 @@ reaches the scores only at the chosen patches, so the router's share of the inpu
 added to each expert's row gradients before their one index_add into the input gradient, and
 the router's gradient is a sum over the chosen rows: no (B*n, d) matmul for the routing backward
 ("softmax_all" also has a gradient through its normaliser, over all n scores: that part stays
-with autograd).  A gradient that arrives in NCHW memory (an NCHW network copied the output) is
+with autograd).  A gradient that arrives in NCHW memory (the output of an NCHW map is NCHW) is
 gathered from where it lies instead of being transposed first.  Double backward recomputes the
 layer with differentiable ops (_composite) and differentiates that.
 
@@ -105,6 +105,12 @@ def patches_from_map_hwc(x: torch.Tensor, p: int) -> torch.Tensor:
     if x.requires_grad and torch.is_grad_enabled() and not x.is_contiguous(memory_format=torch.channels_last):
         return _NCHWRows.apply(x, p)
     return _rows(x, p)
+
+
+def channels_last(x: torch.Tensor) -> bool:
+    """Whether the map x is channels-last and not NCHW as well (C = 1, or a 1x1 map, is both:
+    NCHW wins there, as in nn.Conv2d): the layout the layer's output follows (_Call.map_out)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _rows(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -410,7 +416,9 @@ def _new_output(h_like: torch.Tensor, N: int, B: int, k: int, m: int, o) -> torc
     """The buffer _put fills: unchosen rows of the map must read 0, the pooled forms are sums."""
     if o.pooled:
         return h_like.new_empty(B, k, m) if o.combine == "concat" else h_like.new_zeros(B, m)
-    return h_like.new_zeros(N * k, m) if o.combine == "concat" else h_like.new_zeros(N, m)
+    if o.combine == "concat":
+        return h_like.new_zeros(B, k * m, o.n) if o.map_out else h_like.new_zeros(N * k, m)
+    return h_like.new_zeros(N, m)
 
 
 def _put(y: torch.Tensor, h: torch.Tensor, rows: torch.Tensor, s0: int, k: int, o) -> None:
@@ -422,6 +430,10 @@ def _put(y: torch.Tensor, h: torch.Tensor, rows: torch.Tensor, s0: int, k: int, 
             y[:, s0:s0 + kb].copy_(per_expert.transpose(0, 1))
         else:
             y.add_(per_expert.sum(0))
+    elif o.combine == "concat" and o.map_out:  # (B, k, m, n): along n, in each of the block's channels
+        B = R // o.l
+        J = _patch_numbers(rows, o.n, o.l).unsqueeze(2).expand(B, kb, m, o.l)
+        y.view(B, k, m, o.n)[:, s0:s0 + kb].scatter_(3, J, h.view(kb, B, o.l, m).permute(1, 0, 3, 2))
     elif o.combine == "concat":  # (patch, expert) pairs are unique: a copy places each row
         y.index_copy_(0, _slots(rows, s0, k).view(-1), h.view(-1, m))
     else:
@@ -429,9 +441,17 @@ def _put(y: torch.Tensor, h: torch.Tensor, rows: torch.Tensor, s0: int, k: int, 
 
 
 def _finish(y: torch.Tensor, B: int, k: int, m: int, o) -> torch.Tensor:
-    """The filled buffer as the layer's output: (B, n, k*m) / (B, n, m), pooled (B, k*m) / (B, m)."""
+    """The filled buffer as the layer's output: (B, n, k*m) / (B, n, m), pooled (B, k*m) / (B, m).
+    With o.map_out a view of (B, out, n) memory: the concat buffer already is; the sum's rows,
+    added up where experts share a patch, are copied there once."""
     out = k * m if o.combine == "concat" else m
-    return y.view(B, out) if o.pooled else y.view(B, o.n, out)
+    if o.pooled:
+        return y.view(B, out)
+    if not o.map_out:
+        return y.view(B, o.n, out)
+    if o.combine == "concat":
+        return y.transpose(1, 2)
+    return y.view(B, o.n, out).transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _take(dy: torch.Tensor, rows: torch.Tensor, s0: int, k: int, o) -> torch.Tensor:
@@ -455,13 +475,20 @@ def _take_from_map(dy: torch.Tensor, rows: torch.Tensor, s0: int, k: int, m: int
     slow, strided kind of copy) to gather rows."""
     kb, R = rows.shape
     B, n = dy.shape[:2]
-    J = (rows.view(kb, B, o.l) - torch.arange(0, B * n, n, device=rows.device).view(1, B, 1)).transpose(0, 1)
+    J = _patch_numbers(rows, n, o.l)
     src = dy.transpose(1, 2)  # (B, out, n), contiguous
     if o.combine == "concat":
         got = torch.gather(src.view(B, k, m, n)[:, s0:s0 + kb], 3, J.unsqueeze(2).expand(B, kb, m, o.l))
     else:
         got = torch.gather(src, 2, J.reshape(B, 1, kb * o.l).expand(B, m, kb * o.l)).view(B, m, kb, o.l).transpose(1, 2)
     return got.permute(1, 0, 3, 2).reshape(kb, R, m)  # (B, kb, m, l) -> (kb, B*l, m)
+
+
+def _patch_numbers(rows: torch.Tensor, n: int, l: int) -> torch.Tensor:
+    """(kb, B*l) row numbers (_patch_rows) -> (B, kb, l) the chosen patch numbers (a view)."""
+    kb, R = rows.shape
+    B = R // l
+    return (rows.view(kb, B, l) - torch.arange(0, B * n, n, device=rows.device).view(1, B, 1)).transpose(0, 1)
 
 
 def _patch_rows(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -486,10 +513,12 @@ class _Call(Options):
     patch rows hold each patch's features in (p, p, C) order (patches_from_map_hwc) while router
     and weight are in unfold order, which the routed experts then permute themselves (and their
     gradients back), so that no permuted copy of a parameter is kept for backward; None when all
-    are in one order."""
+    are in one order.  map_out: the unpooled output's memory in (B, out, n) order, i.e. an NCHW
+    map's (see pmoe_patches_torch)."""
 
     n: int = 0
     cp: Optional[tuple[int, int]] = None
+    map_out: bool = False
 
 
 def _ordered(t: torch.Tensor, cp: Optional[tuple[int, int]]) -> torch.Tensor:
@@ -686,7 +715,8 @@ def _route(xp: torch.Tensor, router: torch.Tensor, l: int, gate: str):
 
 
 def pmoe_patches_torch(xp: torch.Tensor, router: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       o: Options, cp: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, Routing]:
+                       o: Options, cp: Optional[tuple[int, int]] = None,
+                       map_out: bool = False) -> tuple[torch.Tensor, Routing]:
     """pMoE on a patch tensor (o.p is not read: the patches are given).
 
     xp: (B, n, d); router: (k, d); weight: (k, m, d); bias: (k, m) or None.  cp = (C, p): xp's
@@ -700,11 +730,16 @@ def pmoe_patches_torch(xp: torch.Tensor, router: torch.Tensor, weight: torch.Ten
     (see routing_scores) and the experts in the autocast dtype, which is y's dtype.
     o.deterministic: bit-identical results run to run on every device (on CPU they always are;
     on CUDA the row additions then avoid atomics).
+    map_out: the unpooled y in (B, out, n) memory, returned as a (B, n, out) view of it: the order
+    of an NCHW map, whose consumers then need no copy (pmoe.functional asks for it unless the
+    input map is channels-last, so that y comes out in the input's memory format, as from
+    nn.Conv2d).  A channels-last output sent an NCHW network's next BatchNorm backward down its
+    slow mixed-layout CPU path.
     """
     B, n, d = xp.shape
     xr = xp.reshape(B * n, d)  # one copy, if any, for both the scores and the gather
     scores, idx, sel, lse = _route(xr.view(B, n, d), _ordered(router, cp), o.l, o.gate)
-    call = _Call(*o.op_args(), n=n, cp=cp)  # not asdict: its deep copy costs ~10 us a call
+    call = _Call(*o.op_args(), n=n, cp=cp, map_out=map_out and not o.pooled)  # not asdict: its deep copy costs ~10 us a call
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xr, router, weight, bias, lse)):
         y, g = _RoutedExperts.apply(xr, router, weight, bias, sel, lse, idx, call)
     else:  # inference: no autograd node, nothing kept

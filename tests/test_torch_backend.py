@@ -157,6 +157,40 @@ def test_layer_input_gradient_in_the_maps_layout():
         assert seen[0].is_contiguous(memory_format=fmt), (seen[0].stride(), fmt)
 
 
+@pytest.mark.parametrize("combine", ["concat", "sum"])
+@pytest.mark.parametrize("C,p", [(6, 1), (6, 2), (1, 2)])
+def test_layer_output_in_the_maps_layout(combine, C, p):
+    """The output comes back in the input's memory format, as from nn.Conv2d: NCHW for an NCHW
+    map, a channel slice or a C = 1 map (NCHW and channels-last at once), channels-last for a
+    channels-last map; values and every gradient equal to the reference's either way, with the
+    gradient of the output given in its own layout (what the next layer sends back)."""
+    router, weight, bias = _params(C, p, 3, 4, bias=True)
+    base = torch.randn(2, C + 2, 4 * p, 4 * p, dtype=F64)
+    maps = {"nchw": base[:, :C].contiguous(), "slice": base[:, 2:], "channels_last": base[:, :C].contiguous(
+        memory_format=torch.channels_last)}
+    for name, x in maps.items():
+        xs = [x.detach().clone().requires_grad_(True), x.detach().clone().requires_grad_(True)]
+        params = [[t.detach().clone().requires_grad_(True) for t in (router, weight, bias)] for _ in range(2)]
+        y = pmoe.pmoe_conv2d(xs[0], *params[0], patch_size=p, top_l=5, combine=combine, backend="torch")
+        ref, _, _ = reference_conv2d(xs[1], *params[1], p, 5, combine=combine)
+        nchw = name != "channels_last" or C == 1
+        fmt = torch.contiguous_format if nchw else torch.channels_last
+        assert y.is_contiguous(memory_format=fmt), (name, y.stride())
+        assert rel_err(y, ref) < 1e-12
+        dy = torch.randn_like(y)  # in y's layout
+        got = torch.autograd.grad(y, [xs[0], *params[0]], dy)
+        want = torch.autograd.grad(ref, [xs[1], *params[1]], dy)
+        for a, b in zip(got, want):
+            assert rel_err(a, b) < 1e-10, name
+
+
+def test_token_output_stays_rows():
+    """pmoe on (B, n, d) tokens returns contiguous (B, n, out) rows: the tokens' own layout."""
+    router, weight, _ = _params(8, 1, 3, 4, bias=False)
+    y = pmoe.functional.pmoe(torch.randn(2, 10, 8, dtype=F64), router, weight.view(3, 4, 8), top_l=4, backend="torch")
+    assert y.is_contiguous()
+
+
 def test_torch_compile_copies_nchw_rows_its_own_way():
     """Under torch.compile the rows are the plain view (inductor makes its own transposition),
     with the eager blocked copy's values."""

@@ -32,17 +32,19 @@ import torch
 from torch import nn
 
 from ..layers import PMoEConv2d
+from ..torch_backend import channels_last
 
 TopL = Union[int, float]
 DEFAULT_WIDTHS = (16, 32, 256)  # stem, dense patch stage, pMoE patch stage
 
 
 class KeepLayout(nn.Module):
-    """Runs `layer` and returns its output in the memory format of its input.  The pMoE layer
-    returns a channels-last view (each patch's channels are contiguous).  In an NCHW network that
-    view must be copied back: otherwise BatchNorm's backward on CPU gets an NCHW gradient for a
-    channels-last input and takes a slow mixed-layout path (10-15x slower on torch 2.13 CPU, which
-    made the whole training step about 2x slower).  In a channels-last network nothing is copied."""
+    """Runs `layer` and returns its output in the memory format of its input.  The PyTorch path
+    already does (its output follows the input's format, as nn.Conv2d's does: then nothing is
+    copied); the fused kernels return a channels-last view (each patch's channels contiguous),
+    which an NCHW network must copy back: otherwise BatchNorm's backward on CPU gets an NCHW
+    gradient for a channels-last input and takes a slow mixed-layout path (10-15x slower on torch
+    2.13 CPU, which made the whole training step about 2x slower)."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
@@ -50,8 +52,7 @@ class KeepLayout(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.layer(x)
-        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        return y.contiguous(memory_format=torch.channels_last if channels_last(x) else torch.contiguous_format)
 
 
 class Flagship(nn.Module):
