@@ -5,7 +5,8 @@ for p = 1 on an NCHW CPU map; none for a channels-last input with p = 1), one ba
 all routing scores, one top-k (or sort) for the selection, then each expert's GEMM over its B*l
 chosen rows of the whole batch, gathered with one index_select, and one scatter of the gated
 results into the output (pooled: one sum over the chosen rows), which comes out in the input's
-memory format (_Call.map_out).  No Python loop over images or patches.  On CPU (float32, bfloat16, m >= 32) the experts run one at a time as oneDNN 1x1
+memory format (_Call.map_out).  No Python loop over images or patches.  On CPU (float32,
+bfloat16, m >= 32) the experts run one at a time as oneDNN 1x1
 convolutions, whose AVX-512 kernels run on every x86 vendor (MKL's sgemm, behind bmm, falls back
 to slower code on some), each expert's gathered rows used while in cache; otherwise, and on an
 Intel CPU with more than one thread or under torch.compile (float32), or a CPU with bf16 GEMM
@@ -739,7 +740,8 @@ def pmoe_patches_torch(xp: torch.Tensor, router: torch.Tensor, weight: torch.Ten
     B, n, d = xp.shape
     xr = xp.reshape(B * n, d)  # one copy, if any, for both the scores and the gather
     scores, idx, sel, lse = _route(xr.view(B, n, d), _ordered(router, cp), o.l, o.gate)
-    call = _Call(*o.op_args(), n=n, cp=cp, map_out=map_out and not o.pooled)  # not asdict: its deep copy costs ~10 us a call
+    # not asdict: its deep copy costs ~10 us a call
+    call = _Call(*o.op_args(), n=n, cp=cp, map_out=map_out and not o.pooled)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xr, router, weight, bias, lse)):
         y, g = _RoutedExperts.apply(xr, router, weight, bias, sel, lse, idx, call)
     else:  # inference: no autograd node, nothing kept
