@@ -6,9 +6,9 @@ all routing scores, one top-k (or sort) for the selection, then each expert's GE
 chosen rows of the whole batch, gathered with one index_select, and one scatter of the gated
 results into the output (pooled: one sum over the chosen rows), which comes out in the input's
 memory format (_Call.map_out).  No Python loop over images or patches.  On CPU (float32,
-bfloat16, m >= 32) the experts run one at a time as oneDNN 1x1
-convolutions, whose AVX-512 kernels run on every x86 vendor (MKL's sgemm, behind bmm, falls back
-to slower code on some), each expert's gathered rows used while in cache; otherwise, and on an
+bfloat16, m >= 32) the experts run one at a time as oneDNN 1x1 convolutions, whose AVX-512
+kernels run on every x86 vendor (MKL's sgemm, behind bmm, falls back to slower code on some),
+each expert's gathered rows used while in cache; otherwise, and on an
 Intel CPU with more than one thread or under torch.compile (float32), or a CPU with bf16 GEMM
 instructions (bfloat16), all experts run in one bmm (see _onednn).  Compiled, the row additions
 are one custom op (_add_rows).
