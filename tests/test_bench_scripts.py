@@ -72,11 +72,16 @@ def test_saved_bytes_counts_each_storage_once():
 
 def test_profile_writes_torch_trace(tmp_path):
     trace = tmp_path / "trace.json"
-    _run_script([os.path.join(BENCH, "profile_layer.py"), "--steps", "2", "--warmup", "1", "--batch", "4",
-                 "--torch-profiler", str(trace), "--device", "cpu"])
+    proc = _run_script([os.path.join(BENCH, "profile_layer.py"), "--steps", "2", "--warmup", "2", "--batch", "4",
+                        "--torch-profiler", str(trace), "--device", "cpu"])
     doc = json.loads(trace.read_text())
     names = {e.get("name") for e in doc["traceEvents"]}
     assert {"forward", "backward", "optimizer"} <= names  # pmoe.profiling ranges were on
+    if sys.platform.startswith("linux"):  # freed memory kept (glibc), page faults counted (resource)
+        import allocator
+
+        assert f"| freed memory: {'environment' if allocator._user_allocator() else 'kept'}" in proc.stdout
+        assert re.search(r"minor page faults per step: \d+ in the warm-up's second half, \d+ profiled", proc.stdout)
 
 
 # ---------------------------------------------------------------------------------------------
