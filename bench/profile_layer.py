@@ -57,6 +57,7 @@ def minor_faults() -> Optional[int]:
 
 
 def faults_per_step(before: Optional[int], after: Optional[int], steps: int) -> str:
+    """The faults between two minor_faults() readings, per step, as printed ("?" if unknown)."""
     return "?" if before is None or after is None or steps <= 0 else f"{(after - before) / steps:.0f}"
 
 
