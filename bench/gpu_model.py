@@ -129,7 +129,7 @@ def launch_signature(shape, batch: int, dtype: str, layout: str, pass_name: str,
                                shape.patch_size, shape.num_experts, shape.expert_features, shape.top_l,
                                channels_last=layout == "channels_last")
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[DTYPE_NAMES.get(dtype, dtype)]
-    forward, backward = registry.record(problem, dt, sm)
+    forward, backward = registry.record(problem, dt, sm, save_pre=pass_name != "forward")
     seen = [(kernel_name(kernel), launch_config(kwargs)) for kernel, _, _, kwargs in forward + backward]
     forward_ends = [len(forward)]
     return seen[:forward_ends[0]] if pass_name == "forward" else seen

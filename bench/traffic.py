@@ -807,7 +807,7 @@ def storage_at(shape, gpu_batch: int, dtype: str, layout: str, pass_name: str) -
     prob = registry.Problem(shape.name, gpu_batch, shape.in_channels, shape.height, shape.width, shape.patch_size,
                             shape.num_experts, shape.expert_features, shape.top_l, combine=shape.combine,
                             channels_last=layout == "channels_last")
-    forward, backward = registry.record(prob, DTYPES[dtype], sm=90)
+    forward, backward = registry.record(prob, DTYPES[dtype], sm=90, save_pre=pass_name != "forward")
     out = []
     for kernel, _grid, args, _kwargs in forward + (backward if pass_name != "forward" else []):
         name, tensors = registry.tensor_args(kernel, args)

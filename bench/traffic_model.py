@@ -16,7 +16,7 @@ summed over the launches of a pass.  Floors (what the layer cannot go below):
            (= bench/gpu_check.py's floor_bytes; tests/test_traffic.py keeps them equal)
     FLOPs  docs/SPEC.md section 4 (concat): forward 2·B·n·d·k + 2·B·k·l·d·m; backward adds the
            experts' dX and dW, 2·(2·B·k·l·d·m), and the router gradient through the softmax gate,
-           2·(2·B·k·l·d) (op.py's registered formula; not counted: the recomputed pre-activations)
+           2·(2·B·k·l·d) (op.py's registered formula; not counted: recomputing unsaved pre-activations)
     floor = max(bytes / HBM bandwidth, FLOPs / rate of the dtype's dot class)
 
 and the dense twin's floor: an nn.Conv2d(C, out, kernel=stride=p) over every patch, x + y + W

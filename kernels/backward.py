@@ -1,8 +1,8 @@
 """Backward: two launches, no atomics on data, every gradient written once, deterministic.
 
 1. `_rows_bwd_kernel`, expert tiles as in the forward (same rows: GROUP whole images of one
-   expert; forward.tile_rows).  Each tile gathers its rows again, recomputes
-   pre = W_s x_j + b_s (never stored by the forward), and from dY:
+   expert; forward.tile_rows).  Each tile reads pre = W_s x_j + b_s as the forward saved it
+   (PRE_SAVED; else it gathers its rows again and recomputes it), and from dY:
        dG_j   = <dY_j, act(pre_j)>          (the gate's gradient)
        dPre_j = G_j dY_j act'(pre_j)         -> dpre (k, B*l, m) in x's dtype
    and, for the softmax gate with whole images in the tile, the score gradient
@@ -63,20 +63,35 @@ def dpre_block(acc, dy_ptr, dpre_ptr, o, m, gate, dy_row, dpre_row, ok, ACT: tl.
 
 
 @triton.jit
-def dpre_pass(n0, src_ptr, row_off, ok, w_ptr, b_ptr, dy_ptr, dpre_ptr, s, m, d, p, gate, dy_row, dpre_row,
+def load_pre(pre_ptr, pre_row, ok, o, m):
+    """The saved pre-activations (B, k, l, m) of columns o (< m) at rows pre_row (int64), fp32."""
+    return tl.load(pre_ptr + pre_row[:, None] + o[None, :], mask=ok[:, None] & (o < m)[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def dpre_pass(n0, src_ptr, row_off, ok, sel, w_ptr, b_ptr, pre_ptr, dy_ptr, dpre_ptr, s, m, d, p, gate, dy_row,
+              dpre_row,
               stride_xc, stride_xh, stride_xw, stride_wk, stride_wm, stride_wd, stride_bk, stride_bm,
-              SOURCE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_N2: tl.constexpr,
-              BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_DK: tl.constexpr,
-              PREC: tl.constexpr):
-    """One column pass (columns n0..) of pre = W_s x + b_s recomputed, dPre stored: -> this pass's
+              SOURCE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, PRE_SAVED: tl.constexpr,
+              HAS_N2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr,
+              BLOCK_DK: tl.constexpr, PREC: tl.constexpr):
+    """One column pass (columns n0..) of pre = W_s x + b_s, read back (PRE_SAVED: the forward
+    stored it, row sel * m) or recomputed from the gathered rows, dPre stored: -> this pass's
     part of dG and the dPre blocks (the second zeros without HAS_N2)."""
-    acc1, acc2 = rows_gemm(src_ptr, row_off, ok, w_ptr, b_ptr, s, n0, m, d, p, stride_xc, stride_xh, stride_xw,
-                           stride_wk, stride_wm, stride_wd, stride_bk, stride_bm, SOURCE, HAS_BIAS, HAS_N2, BLOCK_R,
-                           BLOCK_N, BLOCK_N2, BLOCK_DK, PREC)
-    dg, dp1 = dpre_block(acc1, dy_ptr, dpre_ptr, n0 + tl.arange(0, BLOCK_N), m, gate, dy_row, dpre_row, ok, ACT)
+    o1 = n0 + tl.arange(0, BLOCK_N)
+    o2 = n0 + BLOCK_N + tl.arange(0, BLOCK_N2)
+    if PRE_SAVED:  # read one column block at a time: fewer fp32 values live
+        acc1 = load_pre(pre_ptr, sel * m, ok, o1, m)
+    else:
+        acc1, acc2 = rows_gemm(src_ptr, row_off, ok, w_ptr, b_ptr, s, n0, m, d, p, stride_xc, stride_xh, stride_xw,
+                               stride_wk, stride_wm, stride_wd, stride_bk, stride_bm, SOURCE, HAS_BIAS, HAS_N2,
+                               BLOCK_R, BLOCK_N, BLOCK_N2, BLOCK_DK, PREC)
+    dg, dp1 = dpre_block(acc1, dy_ptr, dpre_ptr, o1, m, gate, dy_row, dpre_row, ok, ACT)
     if HAS_N2:
-        part, dp2 = dpre_block(acc2, dy_ptr, dpre_ptr, n0 + BLOCK_N + tl.arange(0, BLOCK_N2), m, gate, dy_row,
-                               dpre_row, ok, ACT)
+        if PRE_SAVED:
+            acc2 = load_pre(pre_ptr, sel * m, ok, o2, m)
+        part, dp2 = dpre_block(acc2, dy_ptr, dpre_ptr, o2, m, gate, dy_row, dpre_row, ok, ACT)
         dg += part
     else:
         dp2 = tl.zeros((BLOCK_R, BLOCK_N2), dtype=dpre_ptr.dtype.element_ty)
@@ -84,12 +99,14 @@ def dpre_pass(n0, src_ptr, row_off, ok, w_ptr, b_ptr, dy_ptr, dpre_ptr, s, m, d,
 
 
 @triton.jit
-def dpre_tile(g, s, x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, dy_ptr, dpre_ptr, t_ptr, dg_ptr, ds_ptr,
+def dpre_tile(g, s, x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, dy_ptr, pre_ptr, dpre_ptr, t_ptr, dg_ptr,
+              ds_ptr,
               B, n, k, l, m, d, Wp, p, GROUP, L_CHUNK, t_ring,
               stride_xb, stride_xc, stride_xh, stride_xw, stride_wk, stride_wm, stride_wd, stride_bk, stride_bm,
               stride_rk, stride_rd, stride_dyb, stride_dyn,
               SOURCE: tl.constexpr, COMBINE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-              FUSE_DS: tl.constexpr, ONE_PASS: tl.constexpr, HAS_N2: tl.constexpr, BLOCK_R: tl.constexpr,
+              PRE_SAVED: tl.constexpr, FUSE_DS: tl.constexpr, ONE_PASS: tl.constexpr, HAS_N2: tl.constexpr,
+              BLOCK_R: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DT: tl.constexpr,
               PREC: tl.constexpr):
     """Step 1 of the module docstring for expert s over image group g."""
@@ -112,17 +129,17 @@ def dpre_tile(g, s, x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, dy
         dy_row = b * stride_dyb + j * stride_dyn + col0
         dpre_row = ((s * B + b) * l + i) * m
         if ONE_PASS:  # keep dPre in registers for T below
-            dg, dp1, dp2 = dpre_pass(0, src_ptr, row_off, ok, w_ptr, b_ptr, dy_ptr, dpre_ptr, s, m, d, p, gate, dy_row,
-                                     dpre_row, stride_xc, stride_xh, stride_xw, stride_wk, stride_wm, stride_wd,
-                                     stride_bk, stride_bm, SOURCE, ACT, HAS_BIAS, HAS_N2, BLOCK_R, BLOCK_N, BLOCK_N2,
-                                     BLOCK_DK, PREC)
+            dg, dp1, dp2 = dpre_pass(0, src_ptr, row_off, ok, sel, w_ptr, b_ptr, pre_ptr, dy_ptr, dpre_ptr, s, m, d,
+                                     p, gate, dy_row, dpre_row, stride_xc, stride_xh, stride_xw, stride_wk,
+                                     stride_wm, stride_wd, stride_bk, stride_bm, SOURCE, ACT, HAS_BIAS, PRE_SAVED,
+                                     HAS_N2, BLOCK_R, BLOCK_N, BLOCK_N2, BLOCK_DK, PREC)
         else:
             dg = tl.zeros((BLOCK_R,), dtype=tl.float32)
             for n0 in range(0, m, cols):
-                part, _, _ = dpre_pass(n0, src_ptr, row_off, ok, w_ptr, b_ptr, dy_ptr, dpre_ptr, s, m, d, p, gate,
-                                       dy_row, dpre_row, stride_xc, stride_xh, stride_xw, stride_wk, stride_wm,
-                                       stride_wd, stride_bk, stride_bm, SOURCE, ACT, HAS_BIAS, HAS_N2, BLOCK_R,
-                                       BLOCK_N, BLOCK_N2, BLOCK_DK, PREC)
+                part, _, _ = dpre_pass(n0, src_ptr, row_off, ok, sel, w_ptr, b_ptr, pre_ptr, dy_ptr, dpre_ptr, s, m,
+                                       d, p, gate, dy_row, dpre_row, stride_xc, stride_xh, stride_xw, stride_wk,
+                                       stride_wm, stride_wd, stride_bk, stride_bm, SOURCE, ACT, HAS_BIAS, PRE_SAVED,
+                                       HAS_N2, BLOCK_R, BLOCK_N, BLOCK_N2, BLOCK_DK, PREC)
                 dg += part
         if FUSE_DS:  # softmax gate, whole images in the tile: dS_i = G_i (dG_i - c) per image
             gdg = gate * dg
@@ -168,8 +185,9 @@ def dpre_tile(g, s, x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, dy
 
 
 @triton.jit
-def _rows_bwd_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, inv_ptr, dy_ptr, dpre_ptr, t_ptr,
-                     dg_ptr, ds_ptr, dx_ptr,
+def _rows_bwd_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, inv_ptr, dy_ptr,
+                     pre_ptr,  # (B, k, l, m) the forward's pre-activations (PRE_SAVED), in x's dtype
+                     dpre_ptr, t_ptr, dg_ptr, ds_ptr, dx_ptr,
                      sync_ptr,  # int32 (2 + 2 * groups,) ticket counters (utils.take_ticket), zero between launches
                      B, n, k, l, m, d, Wp, p, GROUP, L_CHUNK, DX_BLOCKS,
                      t_ring,                                      # images t holds (B, or a ring of groups)
@@ -180,13 +198,15 @@ def _rows_bwd_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, i
                      stride_dyb, stride_dyn,                      # dy: (B, n, out), unit stride over out
                      stride_db, stride_dc, stride_dh, stride_dw,  # dx: like x
                      SOURCE: tl.constexpr, COMBINE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     FUSE_DS: tl.constexpr, ONE_PASS: tl.constexpr, DX_HERE: tl.constexpr, PREC: tl.constexpr,
+                     PRE_SAVED: tl.constexpr, FUSE_DS: tl.constexpr, ONE_PASS: tl.constexpr, DX_HERE: tl.constexpr,
+                     PREC: tl.constexpr,
                      N_POW2: tl.constexpr, BLOCK_D: tl.constexpr, HAS_N2: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_DK: tl.constexpr,
                      BLOCK_DT: tl.constexpr, BLOCK_K: tl.constexpr, DX_N: tl.constexpr, BLOCK_DX: tl.constexpr):
     """Step 1 (module docstring), ticket-ordered per image group (utils.take_ticket):
         copies   GROUP programs copying the group's NCHW patch rows (SOURCE = SRC_ROWS), then
-        tiles    k expert tiles (dpre_tile; wait for the copies), then
+        tiles    k expert tiles (dpre_tile; wait for the copies unless PRE_SAVED: then they read
+                 pre, not the rows, which only the dW programs of launch 2 need), then
         dX       GROUP * DX_BLOCKS programs (DX_HERE: dx_combine, one image and d block each; wait
                  for the k tiles, then count themselves done), when the score gradient is known
                  here (softmax fused: the tiles add dS router_s to T, or none).
@@ -206,15 +226,16 @@ def _rows_bwd_kernel(x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, i
             copy_rows(b, x_ptr, rows_ptr, n, d, Wp, p, stride_xb, stride_xc, stride_xh, stride_xw, N_POW2, BLOCK_D)
         signal_group(sync_ptr, g)
     elif slot < copies + k:
-        wait_group(sync_ptr, g, copies)
+        if not PRE_SAVED:
+            wait_group(sync_ptr, g, copies)
         if DX_HERE:  # the T slot's last group: its tiles wrote it and its dX programs have read it
             wait_ring_slot(sync_ptr + groups, g, GROUP, t_ring, k + combines)
-        dpre_tile(g, slot - copies, x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, dy_ptr, dpre_ptr,
-                  t_ptr, dg_ptr, ds_ptr, B, n, k, l, m, d, Wp, p, GROUP, L_CHUNK, t_ring, stride_xb, stride_xc,
-                  stride_xh, stride_xw, stride_wk, stride_wm, stride_wd, stride_bk, stride_bm, stride_rk, stride_rd,
-                  stride_dyb, stride_dyn,
-                  SOURCE, COMBINE, ACT, HAS_BIAS, FUSE_DS, ONE_PASS, HAS_N2, BLOCK_R, BLOCK_N, BLOCK_N2, BLOCK_DK,
-                  BLOCK_DT, PREC)
+        dpre_tile(g, slot - copies, x_ptr, rows_ptr, w_ptr, b_ptr, r_ptr, idx_ptr, gates_ptr, dy_ptr, pre_ptr,
+                  dpre_ptr, t_ptr, dg_ptr, ds_ptr, B, n, k, l, m, d, Wp, p, GROUP, L_CHUNK, t_ring, stride_xb,
+                  stride_xc, stride_xh, stride_xw, stride_wk, stride_wm, stride_wd, stride_bk, stride_bm, stride_rk,
+                  stride_rd, stride_dyb, stride_dyn,
+                  SOURCE, COMBINE, ACT, HAS_BIAS, PRE_SAVED, FUSE_DS, ONE_PASS, HAS_N2, BLOCK_R, BLOCK_N, BLOCK_N2,
+                  BLOCK_DK, BLOCK_DT, PREC)
         signal_group(sync_ptr + groups, g)
     else:
         wait_group(sync_ptr + groups, g, k)

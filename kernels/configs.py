@@ -176,16 +176,18 @@ def expert_rows(l: int, block_r: int) -> tuple[int, int]:
 
 
 def forward_config(n: int, d: int, k: int, l: int, m: int, elt_bytes: int, sm: int = 90,
-                   sum_combine: bool = False, map_patches: bool = False) -> ForwardConfig:
+                   sum_combine: bool = False, map_patches: bool = False, pooled_pre: bool = False) -> ForwardConfig:
     """The forward's config for n patches of d features, k experts taking l each, m outputs each,
     elements of elt_bytes (2: bf16/fp16, 4: fp32), on a GPU of compute capability sm (90 = H100).
     At most the backward's rows (128 spill there) for the sum combine (sum_combine: its epilogues,
-    fp32 atomics or the deterministic expert loop's read-modify-write, keep more live) and for
+    fp32 atomics or the deterministic expert loop's read-modify-write, keep more live), for
     p x p patches gathered straight from a channels-last map (map_patches: 64-bit offsets a row
-    and a column)."""
+    and a column) and for the pooled epilogue that also stores the pre-activations (pooled_pre:
+    its per-image sums keep the outputs live)."""
     bud = budget(elt_bytes, sm)
     n_pow2 = max(16, _np2(n))
-    block_r = min(bud.block_r, bud.rows_block_r) if sum_combine or map_patches else bud.block_r
+    narrow = sum_combine or map_patches or pooled_pre
+    block_r = min(bud.block_r, bud.rows_block_r) if narrow else bud.block_r
     if block_r > bud.rows_block_r and bud.fwd_dk:  # wider than the backward's: the forward's own K step, stages
         dk, stages = bud.fwd_dk, bud.fwd_stages
     else:

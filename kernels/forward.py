@@ -37,8 +37,10 @@ wider experts (the sum combine) take several passes.  Epilogue, by combine:
                                        experts 0..k-1 in order), read-modify-write
     pooled concat:   out[b, s*m + o] += sum over the image's rows   (one owner: read-modify-write)
     pooled sum:      out[b, o]       += ... atomics, or deterministic as sum
-Nothing is saved for the backward beyond idx / gates / inv (and scores / lse for softmax_all):
-pre-activations are recomputed there.
+Saved for the backward: idx / gates / inv (and scores / lse for softmax_all) and, when the
+caller will differentiate (SAVE_PRE), the pre-activations the tiles have in registers anyway,
+(B, k, l, m) in x's dtype: the backward then neither re-reads the rows nor re-runs the GEMM (its
+tiles would read each expert's weights twice).
 """
 import triton
 import triton.language as tl
@@ -131,10 +133,11 @@ def expert_output(pre, gate, ACT: tl.constexpr):
 
 
 @triton.jit
-def store_output(h, y_ptr, b, j, slot, ok, s, o, n, k, m, out_cols, GROUP,
+def store_output(h, y_ptr, b, y_first, y_rows, slot, ok, s, o, k, m, out_cols, GROUP,
                  COMBINE: tl.constexpr, POOLED: tl.constexpr, ATOMIC: tl.constexpr):
-    """Place h (BLOCK_R, cols o of expert s) into y (B, n, out_cols) or, pooled, add its
-    per-image sums into out (B, out_cols) fp32 (see the module docstring for who owns what)."""
+    """Place h (BLOCK_R, cols o of expert s) into y (B, n, out_cols) at rows y_first + y_rows
+    (tile_offsets) or, pooled, add its per-image sums into out (B, out_cols) fp32 (see the module
+    docstring for who owns what)."""
     if COMBINE == COMBINE_CONCAT:
         col = s * m + o
     elif COMBINE == COMBINE_SUM:
@@ -154,7 +157,7 @@ def store_output(h, y_ptr, b, j, slot, ok, s, o, n, k, m, out_cols, GROUP,
                 else:
                     tl.store(ptrs, tl.load(ptrs, mask=o_ok, other=0.0) + part, mask=o_ok)
     else:
-        ptrs = y_ptr + ((b * n + j) * out_cols)[:, None] + col[None, :]
+        ptrs = (y_ptr + y_first) + y_rows[:, None] + col[None, :]
         mask = ok[:, None] & o_ok[None, :]
         if COMBINE == COMBINE_CONCAT:
             tl.store(ptrs, h.to(y_ptr.dtype.element_ty), mask=mask)
@@ -165,14 +168,46 @@ def store_output(h, y_ptr, b, j, slot, ok, s, o, n, k, m, out_cols, GROUP,
 
 
 @triton.jit
-def expert_tile(g, tile, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, y_ptr,
+def tile_offsets(g, s, slot, b, i, j, sel, n, k, l, m, out_cols, GROUP, OFF32: tl.constexpr):
+    """Element offsets of a tile's rows in y (B, n, out_cols), row (b, j), and in pre
+    (B, k, l, m), row sel = (b*k + s)*l + i: (y_first, y_rows, pre_first, pre_rows), the rows at
+    first + rows.
+    OFF32 (launch.py: the tile's GROUP images span < 2^31 elements of each): first is the
+    group's first row, int64, and rows int32 offsets from it (fewer live 64-bit registers in the
+    epilogue); else first is 0 and rows int64."""
+    if OFF32:
+        b0 = (g * GROUP).to(tl.int64)
+        y_first = b0 * n * out_cols
+        y_rows = (slot * n + j.to(tl.int32)) * out_cols
+        pre_first = (b0 * k + s) * l * m
+        pre_rows = (slot * k * l + i) * m
+    else:
+        y_first = 0
+        y_rows = (b * n + j) * out_cols
+        pre_first = 0
+        pre_rows = sel * m
+    return y_first, y_rows, pre_first, pre_rows
+
+
+@triton.jit
+def store_pre(acc, pre_ptr, pre_first, pre_rows, ok, o, m):
+    """The pre-activations of columns o (< m) at rows pre_first + pre_rows, in pre's dtype."""
+    tl.store((pre_ptr + pre_first) + pre_rows[:, None] + o[None, :], acc.to(pre_ptr.dtype.element_ty),
+             mask=ok[:, None] & (o < m)[None, :])
+
+
+@triton.jit
+def expert_tile(g, tile, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, y_ptr, pre_ptr,
                 B, n, k, l, m, d, out_cols, Wp, p, GROUP, L_CHUNK, TILES, ring,
                 stride_xb, stride_xc, stride_xh, stride_xw, stride_wk, stride_wm, stride_wd, stride_bk, stride_bm,
                 SOURCE: tl.constexpr, COMBINE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                POOLED: tl.constexpr, EXPERT_LOOP: tl.constexpr, HAS_N2: tl.constexpr, BLOCK_R: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_DK: tl.constexpr, PREC: tl.constexpr):
+                POOLED: tl.constexpr, EXPERT_LOOP: tl.constexpr, SAVE_PRE: tl.constexpr, OFF32: tl.constexpr,
+                HAS_N2: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_DK: tl.constexpr,
+                PREC: tl.constexpr):
     """Expert `tile`'s GEMM over image group g, or, EXPERT_LOOP (TILES = 1, the deterministic
-    sum), every expert in order; see the module docstring."""
+    sum), every expert in order; see the module docstring.  SAVE_PRE: the pre-activations also
+    go to pre (B, k, l, m) in x's dtype, for the backward."""
     atomic: tl.constexpr = (COMBINE == COMBINE_SUM) and not EXPERT_LOOP
     cols: tl.constexpr = BLOCK_N + BLOCK_N2 if HAS_N2 else BLOCK_N
     if SOURCE == SRC_MAP:
@@ -195,12 +230,20 @@ def expert_tile(g, tile, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, y_pt
                                        stride_xw, stride_wk, stride_wm, stride_wd, stride_bk, stride_bm, SOURCE,
                                        HAS_BIAS, HAS_N2, BLOCK_R, BLOCK_N, BLOCK_N2, BLOCK_DK, PREC)
                 o1 = n0 + tl.arange(0, BLOCK_N)
+                o2 = n0 + BLOCK_N + tl.arange(0, BLOCK_N2)
+                y_first, y_rows, pre_first, pre_rows = tile_offsets(g, s, slot, b, i, j, sel, n, k, l, m, out_cols,
+                                                                    GROUP, OFF32)
+                if SAVE_PRE:
+                    store_pre(acc1, pre_ptr, pre_first, pre_rows, ok, o1, m)
+                    if HAS_N2:
+                        store_pre(acc2, pre_ptr, pre_first, pre_rows, ok, o2, m)
                 h1 = expert_output(acc1, gate, ACT)
-                store_output(h1, y_ptr, b, j, slot, ok, s, o1, n, k, m, out_cols, GROUP, COMBINE, POOLED, atomic)
+                store_output(h1, y_ptr, b, y_first, y_rows, slot, ok, s, o1, k, m, out_cols, GROUP, COMBINE, POOLED,
+                             atomic)
                 if HAS_N2:
-                    o2 = n0 + BLOCK_N + tl.arange(0, BLOCK_N2)
                     h2 = expert_output(acc2, gate, ACT)
-                    store_output(h2, y_ptr, b, j, slot, ok, s, o2, n, k, m, out_cols, GROUP, COMBINE, POOLED, atomic)
+                    store_output(h2, y_ptr, b, y_first, y_rows, slot, ok, s, o2, k, m, out_cols, GROUP, COMBINE,
+                                 POOLED, atomic)
             if not atomic:
                 tl.debug_barrier()  # read-modify-writes of the next chunk / expert see these
 
@@ -208,6 +251,7 @@ def expert_tile(g, tile, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, y_pt
 @triton.jit
 def _forward_kernel(x_ptr, rows_ptr, r_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, gates_out_ptr, inv_ptr, scores_ptr,
                     lse_ptr, y_ptr,
+                    pre_ptr,   # (B, k, l, m) pre-activations for the backward (SAVE_PRE), in x's dtype
                     sync_ptr,  # int32 (2 + groups,) ticket counters (utils.take_ticket), zero between launches
                     B, n, d, k, l, m, out_cols, Wp, p, GROUP, L_CHUNK, TILES,
                     ring,                                        # images `rows` holds (B, or a ring of groups)
@@ -217,7 +261,8 @@ def _forward_kernel(x_ptr, rows_ptr, r_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, ga
                     stride_bk, stride_bm,                        # bias: (k, m)
                     MODE: tl.constexpr, GATE: tl.constexpr, COMBINE: tl.constexpr, ACT: tl.constexpr,
                     HAS_BIAS: tl.constexpr, SOURCE: tl.constexpr, POOLED: tl.constexpr, ZERO_FILL: tl.constexpr,
-                    STORE_SCORES: tl.constexpr, EXPERT_LOOP: tl.constexpr, PREC: tl.constexpr,
+                    STORE_SCORES: tl.constexpr, EXPERT_LOOP: tl.constexpr, SAVE_PRE: tl.constexpr,
+                    OFF32: tl.constexpr, PREC: tl.constexpr,
                     N_POW2: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                     HAS_N2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N2: tl.constexpr,
                     BLOCK_DK: tl.constexpr):
@@ -242,11 +287,11 @@ def _forward_kernel(x_ptr, rows_ptr, r_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, ga
             signal_group(sync_ptr, g)
         else:
             wait_group(sync_ptr, g, GROUP)
-            expert_tile(g, slot - GROUP, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, y_ptr,
+            expert_tile(g, slot - GROUP, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, y_ptr, pre_ptr,
                         B, n, k, l, m, d, out_cols, Wp, p, GROUP, L_CHUNK, TILES, ring,
                         stride_xb, stride_xc, stride_xh, stride_xw, stride_wk, stride_wm, stride_wd,
-                        stride_bk, stride_bm, SOURCE, COMBINE, ACT, HAS_BIAS, POOLED, EXPERT_LOOP, HAS_N2,
-                        BLOCK_R, BLOCK_N, BLOCK_N2, BLOCK_DK, PREC)
+                        stride_bk, stride_bm, SOURCE, COMBINE, ACT, HAS_BIAS, POOLED, EXPERT_LOOP, SAVE_PRE, OFF32,
+                        HAS_N2, BLOCK_R, BLOCK_N, BLOCK_N2, BLOCK_DK, PREC)
             if SOURCE == SRC_ROWS:
                 signal_group(sync_ptr, g)  # done reading the group's rows: its ring slot may be rewritten
         finish_ticket(sync_ptr, tl.num_programs(0), tl.cdiv(B, GROUP))
@@ -258,10 +303,10 @@ def _forward_kernel(x_ptr, rows_ptr, r_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, ga
     elif MODE == FWD_EXPERTS:
         pid = tl.program_id(0)
         g = pid // TILES
-        expert_tile(g, pid - g * TILES, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, y_ptr,
+        expert_tile(g, pid - g * TILES, x_ptr, rows_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, y_ptr, pre_ptr,
                     B, n, k, l, m, d, out_cols, Wp, p, GROUP, L_CHUNK, TILES, ring,
                     stride_xb, stride_xc, stride_xh, stride_xw, stride_wk, stride_wm, stride_wd,
-                    stride_bk, stride_bm, SOURCE, COMBINE, ACT, HAS_BIAS, POOLED, EXPERT_LOOP, HAS_N2,
-                    BLOCK_R, BLOCK_N, BLOCK_N2, BLOCK_DK, PREC)
+                    stride_bk, stride_bm, SOURCE, COMBINE, ACT, HAS_BIAS, POOLED, EXPERT_LOOP, SAVE_PRE, OFF32,
+                    HAS_N2, BLOCK_R, BLOCK_N, BLOCK_N2, BLOCK_DK, PREC)
     else:
         tl.static_assert(False, "unknown forward mode")

@@ -217,14 +217,16 @@ def _split_route(x, router, rows, P: Problem, gate, cfg, y, idx, gates, gates_ou
 
 @on_device
 def forward(x: Tensor, router: Tensor, weight: Tensor, bias: Optional[Tensor], p: int, l: int, combine: str,
-            gate: str, activation: str, deterministic: bool, pooled: bool
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            gate: str, activation: str, deterministic: bool, pooled: bool, save_pre: bool = False
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The custom op pmoe::fused_fwd (op.py registers it).  x: (B, C, H, W) any strides; router
-    (k, d); weight (k, m, d); bias (k, m) or None; then pmoe.vocab.Options' fields in order.
+    (k, d); weight (k, m, d); bias (k, m) or None; then pmoe.vocab.Options' fields in order, then
+    save_pre (the caller will differentiate: keep the pre-activations for the backward).
     -> out, idx (B, k, l) int64 best first, gates (B, k, l) in x's dtype (Routing.gates), the same
     in fp32 (for the backward), inv (B, k, n) int32, scores (B, k, n) fp32 for softmax_all
-    ((B, k, 0) otherwise), lse (B, k) fp32.  out: (B, n, out) in x's dtype, contiguous, or pooled
-    its sum over the n patches, (B, out)."""
+    ((B, k, 0) otherwise), lse (B, k) fp32, pre (B, k, l, m) in x's dtype with save_pre, else
+    empty (the backward then recomputes it).  out: (B, n, out) in x's dtype, contiguous, or
+    pooled its sum over the n patches, (B, out)."""
     P = Problem.of(x, p, weight, l)
     dev, f32 = x.device, torch.float32
     B, n, k, m, l, d = P.B, P.n, P.k, P.m, P.l, P.d
@@ -232,7 +234,7 @@ def forward(x: Tensor, router: Tensor, weight: Tensor, bias: Optional[Tensor], p
     expert_loop = deterministic and not concat  # the sum combine adds experts in order, no atomics
     source = gather_source(x)
     cfg = configs.forward_config(n, d, k, l, m, x.element_size(), capability(x), not concat,
-                                 source == SRC_MAP and p > 1)
+                                 source == SRC_MAP and p > 1, pooled and save_pre)
     out_cols = k * m if concat else m
     zero_fill = concat and not pooled
     if pooled:
@@ -251,6 +253,7 @@ def forward(x: Tensor, router: Tensor, weight: Tensor, bias: Optional[Tensor], p
     gates_out = torch.empty(B, k, l, device=dev, dtype=x.dtype)  # its own buffer: op outputs may not alias
     inv = torch.empty(B, k, n, device=dev, dtype=torch.int32)
     lse = torch.empty(B, k, device=dev, dtype=f32)
+    pre = torch.empty(B, k, l, m, device=dev, dtype=x.dtype) if save_pre else x.new_empty(0)
     keep_scores = gate == "softmax_all"
     groups = triton.cdiv(B, cfg.group)
     b_t = bias if bias is not None else weight
@@ -258,7 +261,8 @@ def forward(x: Tensor, router: Tensor, weight: Tensor, bias: Optional[Tensor], p
             *weight.stride(), *((bias.stride()) if bias is not None else (0, 0))]
     consts = dict(GATE=gate_code(gate), COMBINE=combine_code(combine), ACT=activation_code(activation),
                   HAS_BIAS=bias is not None, SOURCE=source, POOLED=pooled, ZERO_FILL=zero_fill,
-                  STORE_SCORES=keep_scores, EXPERT_LOOP=expert_loop, PREC=dot_precision(x.dtype),
+                  STORE_SCORES=keep_scores, EXPERT_LOOP=expert_loop, SAVE_PRE=save_pre,
+                  OFF32=cfg.group * max(n * out_cols, k * l * m) < 2**31, PREC=dot_precision(x.dtype),
                   N_POW2=cfg.n_pow2, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m,
                   HAS_N2=cfg.has_n2, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block_n, BLOCK_N2=cfg.block_n2,
                   BLOCK_DK=cfg.block_dk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -266,7 +270,7 @@ def forward(x: Tensor, router: Tensor, weight: Tensor, bias: Optional[Tensor], p
         scores = torch.empty(B, k, n if keep_scores else 0, device=dev, dtype=f32)
         with nvtx_range("pmoe.forward"):
             run(_forward_kernel, (groups * (cfg.group + tiles),),
-                x, rows, router, weight, b_t, idx, gates, gates_out, inv, scores, lse, y, sync_counters(x, 2 + groups),
+                x, rows, router, weight, b_t, idx, gates, gates_out, inv, scores, lse, y, pre, sync_counters(x, 2 + groups),
                 *args, MODE=FWD_FUSED, **consts)
     else:
         idx, gates, gates_out, scores = _split_route(x, router, rows, P, gate, cfg, y if zero_fill else None, idx,
@@ -275,11 +279,11 @@ def forward(x: Tensor, router: Tensor, weight: Tensor, bias: Optional[Tensor], p
             scores = scores.new_empty(B, k, 0)
         with nvtx_range("pmoe.experts"):
             run(_forward_kernel, (groups * tiles,),
-                x, rows, router, weight, b_t, idx, gates, gates_out, inv, scores, lse, y, idx, *args,
+                x, rows, router, weight, b_t, idx, gates, gates_out, inv, scores, lse, y, pre, idx, *args,
                 MODE=FWD_EXPERTS, **consts)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
-    return y, idx, gates_out, gates, inv, scores, lse
+    return y, idx, gates_out, gates, inv, scores, lse, pre
 
 
 def multiprocessors(x: Tensor) -> int:
@@ -288,10 +292,11 @@ def multiprocessors(x: Tensor) -> int:
 
 @on_device
 def backward(dy: Tensor, x: Tensor, router: Tensor, weight: Tensor, bias: Optional[Tensor], idx: Tensor,
-             gates: Tensor, inv: Tensor, scores: Tensor, lse: Tensor, p: int, l: int, combine: str, gate: str,
-             activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             gates: Tensor, inv: Tensor, scores: Tensor, lse: Tensor, pre: Tensor, p: int, l: int, combine: str,
+             gate: str, activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The custom op pmoe::fused_bwd.  dy: (B, n, out) any strides over (B, n) (the pooled
-    forward's is a stride-0 view over n); then forward's inputs and saved outputs.
+    forward's is a stride-0 view over n); then forward's inputs and saved outputs (pre empty:
+    the expert tiles recompute the pre-activations from the gathered rows).
     -> dx (x's dtype and layout), d router, d weight, d bias (empty without bias)."""
     P = Problem.of(x, p, weight, l)
     from .backward import _dx_dw_kernel, _rows_bwd_kernel
@@ -302,6 +307,10 @@ def backward(dy: Tensor, x: Tensor, router: Tensor, weight: Tensor, bias: Option
     source = gather_source(x)
     cfg = configs.backward_config(B, n, d, k, l, m, x.element_size(), capability(x), multiprocessors(x))
     fc = cfg.fwd
+    pre_saved = pre.numel() > 0
+    if pre_saved and (tuple(pre.shape) != (B, k, l, m) or pre.dtype != x.dtype or not pre.is_contiguous()):
+        raise ValueError(f"pre must be contiguous ({B}, {k}, {l}, {m}) in {x.dtype} (or empty), got "
+                         f"{tuple(pre.shape)} {pre.dtype}")
     if dy.stride(-1) != 1:  # the kernels need unit-stride channels; (B, n) strides stay as they are
         dy = dy.contiguous()
     prec = dot_precision(x.dtype)
@@ -326,11 +335,12 @@ def backward(dy: Tensor, x: Tensor, router: Tensor, weight: Tensor, bias: Option
     t = torch.empty(k, t_ring * l, d, device=dev, dtype=x.dtype)
     with nvtx_range("pmoe.backward.rows"):
         run(_rows_bwd_kernel, (groups * period,),
-            x, rows, weight, b_t, router, idx, gates, inv, dy, dpre, t, dg, ds, dx, sync_counters(x, 2 + 2 * groups),
+            x, rows, weight, b_t, router, idx, gates, inv, dy, pre, dpre, t, dg, ds, dx,
+            sync_counters(x, 2 + 2 * groups),
             B, n, k, l, m, d, P.Wp, P.p, fc.group, fc.l_chunk, dx_blocks, t_ring, *x.stride(), *weight.stride(),
             *((bias.stride()) if bias is not None else (0, 0)), *router.stride(), dy.stride(0), dy.stride(1),
             *dx.stride(), SOURCE=source, COMBINE=combine_code(combine), ACT=activation_code(activation),
-            HAS_BIAS=bias is not None, FUSE_DS=fuse_ds, ONE_PASS=m <= fc.block_n + fc.block_n2 * fc.has_n2,
+            HAS_BIAS=bias is not None, PRE_SAVED=pre_saved, FUSE_DS=fuse_ds, ONE_PASS=m <= fc.block_n + fc.block_n2 * fc.has_n2,
             DX_HERE=dx_here, PREC=prec, N_POW2=min(fc.n_pow2, 256), BLOCK_D=fc.block_d,
             HAS_N2=fc.has_n2,
             BLOCK_R=fc.block_r, BLOCK_N=fc.block_n, BLOCK_N2=fc.block_n2, BLOCK_DK=fc.block_dk, BLOCK_DT=cfg.block_dt,

@@ -152,9 +152,11 @@ def _specialise(fn, args, kwargs, problem: str) -> Launch:
                   num_warps, num_stages, maxnreg)
 
 
-def record(problem: Problem, dtype: torch.dtype, sm: int = 90) -> tuple[list, list]:
+def record(problem: Problem, dtype: torch.dtype, sm: int = 90, save_pre: bool = True) -> tuple[list, list]:
     """The launches of `problem`'s forward and of its backward, as (kernel, grid, args, kwargs),
-    made by the launchers on meta tensors for a GPU of capability sm (nothing runs)."""
+    made by the launchers on meta tensors for a GPU of capability sm (nothing runs).  save_pre:
+    the forward keeps the pre-activations, as for training (the layer's call under autograd);
+    without, the forward is inference's and the backward recomputes them."""
     P = problem
     meta = dict(device="meta", dtype=dtype)
     x = torch.empty(P.B, P.C, P.H, P.W, **meta)
@@ -168,26 +170,29 @@ def record(problem: Problem, dtype: torch.dtype, sm: int = 90) -> tuple[list, li
     launch.FORCE_SM, launch.ROUTE = sm, P.route
     try:
         launch.RECORDER = lambda *call: forward.append(call)
-        y, idx, _, gates, inv, scores, lse = launch.forward(x, router, weight, bias, P.p, P.l, P.combine, P.gate,
-                                                            P.activation, P.deterministic, P.pooled)
+        y, idx, _, gates, inv, scores, lse, pre = launch.forward(x, router, weight, bias, P.p, P.l, P.combine,
+                                                                 P.gate, P.activation, P.deterministic, P.pooled,
+                                                                 save_pre)
         n = (P.H // P.p) * (P.W // P.p)
         dy = torch.empty(y.shape, **meta)
         if P.pooled:
             dy = dy.unsqueeze(1).expand(P.B, n, y.shape[1])
         launch.RECORDER = lambda *call: backward.append(call)
-        launch.backward(dy, x, router, weight, bias, idx, gates, inv, scores, lse, P.p, P.l, P.combine, P.gate,
-                        P.activation)
+        launch.backward(dy, x, router, weight, bias, idx, gates, inv, scores, lse, pre, P.p, P.l, P.combine,
+                        P.gate, P.activation)
     finally:
         launch.RECORDER, launch.FORCE_SM, launch.ROUTE = saved
     return forward, backward
 
 
 def launches(dtype: str = "bf16", sm: int = 90, problems=PROBLEMS) -> list[Launch]:
-    """The distinct launches of every problem for this dtype on this arch, in first-seen order."""
+    """The distinct launches of every problem for this dtype on this arch, in first-seen order:
+    training's (pre-activations saved) and inference's forward, and the backward reading them or
+    recomputing them."""
     seen, found = set(), []
     for problem in problems:
-        forward, backward = record(problem, DTYPES[dtype], sm)
-        for kernel, grid, args, kwargs in forward + backward:
+        calls = [call for save_pre in (True, False) for call in sum(record(problem, DTYPES[dtype], sm, save_pre), [])]
+        for kernel, grid, args, kwargs in calls:
             rec = _specialise(_jit_fn(kernel), args, kwargs, problem.label)
             if rec.key not in seen:
                 seen.add(rec.key)

@@ -127,7 +127,8 @@ def _torch(x: torch.Tensor, router: torch.Tensor, weight: torch.Tensor, bias: Op
 def _triton(x: torch.Tensor, router: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
             o: Options) -> tuple[torch.Tensor, Routing]:
     """The fused kernels (importing them imports triton): the custom op, its plain arguments
-    unpacked from o.  Autocast does not reach inside the kernels: cast here, so that they always
+    unpacked from o, and whether to keep the pre-activations for a backward (only where autograd
+    will record the call).  Autocast does not reach inside the kernels: cast here, so that they always
     see one floating dtype (.to() is differentiable: gradients still reach fp32 parameters)."""
     from pmoe.kernels import fused_fwd
 
@@ -135,7 +136,8 @@ def _triton(x: torch.Tensor, router: torch.Tensor, weight: torch.Tensor, bias: O
     if ac is not None:
         x, router, weight = x.to(ac), router.to(ac), weight.to(ac)
         bias = bias.to(ac) if bias is not None else None
-    y, idx, gates, *_ = fused_fwd(x, router, weight, bias, *o.op_args())
+    save_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, router, weight, bias))
+    y, idx, gates, *_ = fused_fwd(x, router, weight, bias, *o.op_args(), save_pre)
     return y, Routing(idx, gates.detach(), (x.shape[2] // o.p) * (x.shape[3] // o.p))
 
 

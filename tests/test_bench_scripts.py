@@ -183,9 +183,11 @@ def _plan_compiles(*args) -> int:
 
 def test_gpu_check_plan_compiles_fit_the_machine():
     # a cold cache compiles each distinct kernel specialisation once, ~0.6 s each: the whole GPU
-    # run must stay well inside 8 minutes, so the plan compiles far fewer than 250
+    # run must stay well inside 8 minutes, so the plan compiles far fewer than 250 (the count is
+    # registry.launches': inference's and training's forward, the backward with and without saved
+    # pre-activations, so it is an upper bound)
     full, quick = _plan_compiles(), _plan_compiles("--quick", "--only", "wrn")
-    assert 0 < quick < full <= 120, (quick, full)
+    assert 0 < quick < full <= 160, (quick, full)
 
 
 def test_tie_rows_near_ties_and_swaps():

@@ -44,7 +44,7 @@ def _run(route, monkeypatch, x, router, weight, bias, p, l, combine, gate, det, 
     monkeypatch.setattr(launch, "run", lambda kernel, grid, *a, **kw: launched.append(kw.get("MODE"))
                         or real_run(kernel, grid, *a, **kw))
     leaves = [t.clone().requires_grad_() for t in (x, router, weight, bias)]
-    y, idx, gates, _, inv, scores, lse = kop.fused_fwd(*leaves, p, l, combine, gate, "gelu", det, pooled)
+    y, idx, gates, _, inv, scores, lse, _ = kop.fused_fwd(*leaves, p, l, combine, gate, "gelu", det, pooled, True)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad((y * dy).nan_to_num().sum(), leaves, allow_unused=True)
     return (y, idx, gates, inv, scores, lse if gate == "softmax_all" else None, grads), launched

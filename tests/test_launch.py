@@ -117,7 +117,8 @@ def test_select_fallback_matches_select_kernel(gate, data):
 
 
 def _run_layer(x, router, weight, bias, p, l, combine, gate, det, pooled=False):
-    y, idx, gates, _, _, _, lse = kop.fused_fwd(x, router, weight, bias, p, l, combine, gate, "gelu", det, pooled)
+    y, idx, gates, _, _, _, lse, _ = kop.fused_fwd(x, router, weight, bias, p, l, combine, gate, "gelu", det, pooled,
+                                                   True)
     params = [t for t in (x, router, weight, bias) if t is not None]
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad((y * g).sum(), params, allow_unused=True)
@@ -160,6 +161,57 @@ def test_layer_with_torch_selection_matches_kernel_selection(monkeypatch, combin
 
 
 _select_torch = launch.select_torch
+
+
+@pytest.mark.parametrize("combine,gate,pooled,channels_last,m,l", [
+    ("concat", "softmax", False, False, 4, 8),      # NCHW rows, dS fused, dX in the first launch
+    ("concat", "softmax_all", False, True, 4, 8),   # channels-last map, dense score gradient
+    ("sum", "softmax", True, False, 4, 8),          # pooled sum (deterministic: experts in order)
+    ("concat", "indicator", False, False, 80, 8),   # m beyond one column pass: dPre read back
+    ("concat", "softmax", False, False, 4, 40),     # l beyond a tile: chunks, dS by the gate kernel
+])
+def test_saved_pre_activations_match_recompute(combine, gate, pooled, channels_last, m, l):
+    """save_pre: the forward's tiles store the pre-activations they hold and the backward reads
+    them; without it the backward re-gathers the rows and re-runs the GEMM.  Both give the same
+    gradients (fp32: the same dot products, so to rounding), and the same outputs and routing."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 16, 16)  # p = 2: n = 64, d = 12
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    router, weight, bias = params(3, 2, 2, m, bias=True, flat=True)
+    runs = []
+    for save_pre in (True, False):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, router, weight, bias)]
+        out = kop.fused_fwd(*leaves, 2, l, combine, gate, "gelu", True, pooled, save_pre)
+        assert out[7].shape == ((5, 2, l, m) if save_pre else (0,))
+        g = torch.randn(out[0].shape, generator=torch.Generator().manual_seed(1))
+        runs.append((out[:3], torch.autograd.grad((out[0] * g).sum(), leaves, allow_unused=True)))
+    (fwd_a, grads_a), (fwd_b, grads_b) = runs
+    for a, b in zip(fwd_a, fwd_b):
+        assert torch.equal(a, b)
+    assert (grads_a[1] is None) == (grads_b[1] is None) == (gate == "indicator")  # its router has no gradient
+    for a, b in zip(grads_a, grads_b):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_layer_saves_pre_activations_only_for_a_backward(monkeypatch, grad):
+    """pmoe.functional asks the op for the pre-activations only where autograd records the call
+    (grad mode on and an input that requires grad): inference writes no (k, B*l, m) buffer."""
+    import pmoe
+
+    seen = []
+    monkeypatch.setattr(launch, "run", lambda kernel, grid, *a, **kw: (
+        kernel is launch._forward_kernel and seen.append(kw["SAVE_PRE"])) or _RUN(kernel, grid, *a, **kw))
+    layer = pmoe.PMoEConv2d(3, 8, patch_size=2, num_experts=2, top_l=4, backend="triton")
+    x = torch.randn(2, 3, 8, 8)
+    with torch.set_grad_enabled(grad):
+        y = layer(x)
+    assert seen == [grad]
+    if grad:
+        y.sum().backward()
+        assert layer.weight.grad is not None
 
 
 # ------------------------------------------------------------------ 2. configs are a function of the shape
@@ -221,7 +273,7 @@ def test_forward_row_ring_wraps_bit_identical(monkeypatch, combine, det, pooled)
     rows = []
     monkeypatch.setattr(launch, "run", lambda kernel, grid, *a, **kw: (
         kernel is launch._forward_kernel and rows.append((a[1].shape, kw["MODE"]))
-        or kernel is _rows_bwd_kernel and rows.append(a[10].shape)) or _RUN(kernel, grid, *a, **kw))
+        or kernel is _rows_bwd_kernel and rows.append(a[11].shape)) or _RUN(kernel, grid, *a, **kw))
     got = _run_layer(*args, pooled=pooled)
     tiles = 1 if det else 2
     assert ring(13, 4, 4 + tiles, 16 * 12 * 4, sms=1) == 8

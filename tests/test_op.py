@@ -59,14 +59,16 @@ def test_fake_impls_match_real_shapes():
 
     x = torch.randn(2, 3, 4, 6)
     router, weight, bias = torch.randn(2, 12), torch.randn(2, 5, 12), torch.randn(2, 5)
-    real = kop.fused_fwd(x, router, weight, bias, 2, 3, "sum", "softmax_all", "gelu", False, False)
-    with FakeTensorMode() as mode:
-        fx, fr, fw, fb = (mode.from_tensor(t) for t in (x, router, weight, bias))
-        fake = kop.fused_fwd(fx, fr, fw, fb, 2, 3, "sum", "softmax_all", "gelu", False, False)
-    for r, f in zip(real, fake):
-        assert r.shape == f.shape and r.dtype == f.dtype
+    for save_pre in (False, True):
+        real = kop.fused_fwd(x, router, weight, bias, 2, 3, "sum", "softmax_all", "gelu", False, False, save_pre)
+        with FakeTensorMode() as mode:
+            fx, fr, fw, fb = (mode.from_tensor(t) for t in (x, router, weight, bias))
+            fake = kop.fused_fwd(fx, fr, fw, fb, 2, 3, "sum", "softmax_all", "gelu", False, False, save_pre)
+        assert len(real) == len(fake) == 8 and real[7].numel() == (2 * 2 * 3 * 5 if save_pre else 0)
+        for r, f in zip(real, fake):
+            assert r.shape == f.shape and r.dtype == f.dtype
     dy = torch.randn_like(real[0])
-    saved = (real[1], *real[3:])  # idx, the fp32 gates, inv, scores, lse
+    saved = (real[1], *real[3:])  # idx, the fp32 gates, inv, scores, lse, pre
     real_b = kop.fused_bwd(dy, x, router, weight, bias, *saved, 2, 3, "sum", "softmax_all", "gelu")
     with FakeTensorMode() as mode:
         args = [mode.from_tensor(t) for t in (dy, x, router, weight, bias, *saved)]
@@ -85,7 +87,7 @@ def test_pmoe_import_does_not_import_triton_kernels():
 
 def test_options_are_the_ops_arguments_in_order():
     """pmoe.vocab.Options is unpacked into the forward op (Options.op_args): its fields are the
-    op's arguments after the four tensors, in the same order, and the backward op's start so."""
+    op's arguments after the four tensors, in the same order (then save_pre), and the backward op's start so."""
     import dataclasses
 
     from pmoe.vocab import Options
@@ -93,7 +95,7 @@ def test_options_are_the_ops_arguments_in_order():
     fields = [f.name for f in dataclasses.fields(Options)]
     fwd = [a.name for a in torch.ops.pmoe.fused_fwd.default._schema.arguments]
     bwd = [a.name for a in torch.ops.pmoe.fused_bwd.default._schema.arguments]
-    assert fwd == ["x", "router", "weight", "bias", *fields]
-    assert bwd[10:] == fields[:5]  # dy, x, router, weight, bias, idx, gates, inv, scores, lse, then the options
+    assert fwd == ["x", "router", "weight", "bias", *fields, "save_pre"]
+    assert bwd[11:] == fields[:5]  # dy, x, router, weight, bias, idx, gates, inv, scores, lse, pre, the options
     o = Options(2, 3, "sum", "softmax_all", "gelu", True, False)
     assert o.op_args() == tuple(getattr(o, f) for f in fields)

@@ -198,9 +198,9 @@ def _triton_layer(combine="concat", gate="softmax", bias=True):
 
 @pytest.mark.parametrize("gate", ["softmax", "softmax_all"])
 def test_saved_tensors_and_stride0_gradient(gate, monkeypatch):
-    """The op keeps the inputs, idx, gates, inv and scores / lse (scores empty but for softmax_all)
-    and nothing of the output's size; its backward hands the kernels the (B, out) gradient as a
-    stride-0 view."""
+    """The op keeps the inputs, idx, gates, inv, scores / lse (scores empty but for softmax_all)
+    and the pre-activations (B, k, l, m), and nothing of the unpooled output's size; its backward
+    hands the kernels the (B, out) gradient as a stride-0 view."""
     from pmoe.kernels import launch
 
     layer = _triton_layer(gate=gate)
@@ -211,7 +211,7 @@ def test_saved_tensors_and_stride0_gradient(gate, monkeypatch):
         y = layer.forward_pooled(x)
     shapes = sorted(tuple(t.shape) for t in saved)
     want = [tuple(x.shape), (k, 12), (k, 2, 12), (k, 2), (B, k, l), (B, k, l), (B, k, n),  # x, params, idx, gates, inv
-            (B, k, n if gate == "softmax_all" else 0), (B, k)]  # scores, lse
+            (B, k, n if gate == "softmax_all" else 0), (B, k), (B, k, l, 2)]  # scores, lse, pre
     assert shapes == sorted(want)
 
     seen = {}
