@@ -195,6 +195,20 @@ def test_saved_pre_activations_match_recompute(combine, gate, pooled, channels_l
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_backward_rejects_pre_activations_of_another_call():
+    """A saved pre that is not this call's (B, k, l, m) in x's dtype is a ValueError naming it, not
+    a kernel reading out of bounds."""
+    x = torch.randn(2, 3, 8, 8)
+    router, weight, bias = (t.detach() for t in params(3, 2, 2, 4, bias=True, flat=True))
+    y, idx, _, gates, inv, scores, lse, pre = kop.fused_fwd(x, router, weight, bias, 2, 4, "concat", "softmax",
+                                                            "gelu", False, False, True)
+    dy = torch.ones_like(y)
+    for bad in (pre[:1], pre.transpose(0, 1), pre.double()):
+        with pytest.raises(ValueError, match="pre must be"):
+            kop.fused_bwd(dy, x, router, weight, bias, idx, gates, inv, scores, lse, bad, 2, 4, "concat", "softmax",
+                          "gelu")
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_layer_saves_pre_activations_only_for_a_backward(monkeypatch, grad):
     """pmoe.functional asks the op for the pre-activations only where autograd records the call
