@@ -29,6 +29,9 @@ Sections, in order of value (a cut-off run keeps the first ones):
   route        the one-launch forward vs the split route, both clocks, at every shape.
   ring         the NCHW layer with its rings (forward row copy, backward T) as shipped and with
                none (copies of the whole batch; configs.RING_BYTES = 0), both passes and clocks.
+  pre          forward+backward with the experts' pre-activations saved by the forward (as
+               shipped) and recomputed by the backward (configs.SAVE_PRE = False), NCHW and
+               channels-last, both clocks and peak memory.
   pooled       forward_pooled vs layer + .sum((2, 3)).
   launches     each Triton launch timed alone beside the model's time for that launch.
   max_batch    the largest flagship training batch that fits (bounded search).
@@ -98,13 +101,14 @@ class Plan:
     variants: list = field(default_factory=list)   # (shape, dtype, variant)
     route: list = field(default_factory=list)      # (shape, dtype)
     rings: list = field(default_factory=list)      # (shape, dtype)
+    pre: list = field(default_factory=list)        # (shape, dtype)
     pooled: list = field(default_factory=list)     # (shape, dtype)
     launches: list = field(default_factory=list)   # (shape, dtype)
     max_batch: Optional[dict] = None               # largest_batch's start, cap, seconds
 
     def summary(self) -> str:
         return (f"{len(self.checks)} default checks, {len(self.timing)} timings, {len(self.variants)} variant "
-                f"checks, {len(self.route)} route, {len(self.rings)} ring, {len(self.pooled)} pooled, "
+                f"checks, {len(self.route)} route, {len(self.rings)} ring, {len(self.pre)} pre, {len(self.pooled)} pooled, "
                 f"{len(self.launches)} per-launch, "
                 f"max batch {'yes' if self.max_batch else 'no'}; shapes "
                 + ", ".join(f"{s.name} (B={self.batch[s.name]})" for s in self.shapes))
@@ -152,11 +156,12 @@ def make_plan(args, kernels: bool) -> Plan:
     if kernels:
         plan.route = [(s, main_dtype) for s in shapes]
         plan.rings = [(s, main_dtype) for s in shapes]
+        plan.pre = [(s, main_dtype) for s in shapes]
         plan.launches = [(s, main_dtype) for s in shapes]
     if not args.quick:
         plan.pooled = [(s, main_dtype) for s in shapes]
     if args.skip_timing:
-        plan.timing, plan.route, plan.rings, plan.pooled, plan.launches = [], [], [], [], []
+        plan.timing, plan.route, plan.rings, plan.pre, plan.pooled, plan.launches = [], [], [], [], [], []
     if args.skip_max_batch:
         plan.max_batch = None
     return plan
@@ -404,6 +409,9 @@ def run_sections(run: Run, plan: Plan, device: torch.device, backend: str, ctx: 
     with run.section("ring"):
         run.rows("ring_timing", plan.rings, pair_label,
                  lambda it: gt.time_rings(it[0], batch[it[0].name], it[1], ctx), _line_generic)
+    with run.section("pre"):
+        run.rows("pre_timing", plan.pre, pair_label,
+                 lambda it: gt.time_pre(it[0], batch[it[0].name], it[1], ctx), _line_generic)
     with run.section("pooled"):
         run.rows("pooled_timing", plan.pooled, pair_label,
                  lambda it: gt.time_pooled(it[0], batch[it[0].name], backend, it[1], ctx), _line_generic)
@@ -478,7 +486,7 @@ def main(argv=None) -> int:
            "fp32_matmul_precision": torch.get_float32_matmul_precision(),
            "plan": {"summary": plan.summary(), "compiles": compiles, "compiles_note": note},
            "tolerance": {gc.dname(k): v for k, v in gc.TOLERANCE.items()}, "tie_steps": gc.TIE_STEPS,
-           "correctness": [], "timing": [], "route_timing": [], "ring_timing": [], "pooled_timing": [],
+           "correctness": [], "timing": [], "route_timing": [], "ring_timing": [], "pre_timing": [], "pooled_timing": [],
            "launch_timing": [], "max_batch": [], "tracebacks": []}
     os.makedirs(args.out, exist_ok=True)
     run = Run(doc, report_stem(args.out, doc["machine"]["device"], args), args.budget_s, device)

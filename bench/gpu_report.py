@@ -24,6 +24,8 @@ ROUTE_COLS = ["shape", "batch", "dtype", "auto_picks", "fused_events_ms", "split
               "fused_graph_ms", "split_graph_ms", "fused/split graph", "note", "error"]
 RING_COLS = ["shape", "batch", "dtype", "pass", "ring_mb", "shipped", "ring_images", "events_ms", "graph_ms",
              "/shipped events", "/shipped graph", "graph_error", "error"]
+PRE_COLS = ["shape", "batch", "dtype", "layout", "pre", "events_ms", "graph_ms", "/saved events", "/saved graph",
+            "peak_mb", "graph_error", "error"]
 POOLED_COLS = ["shape", "batch", "backend", "dtype", "pass", "pooled_ms", "layer_sum_ms", "pooled/layer+sum",
                "bytes_avoided", "pooled_pct_floor", "pooled_peak_mb", "layer_sum_peak_mb", "error"]
 LAUNCH_COLS = ["shape", "batch", "dtype", "pass", "index", "kernel", "config", "measured_us", "model_us",
@@ -140,6 +142,9 @@ def markdown(doc: dict) -> str:
         "## Rings: the NCHW forward's row copy and the backward's T held in rings of at most ring_mb MB "
         "(0: copies of the whole batch); time over the shipped cap's", "",
         md_table(doc.get("ring_timing", []), RING_COLS), "",
+        "## Pre-activations saved by the forward vs recomputed by the backward, forward+backward; time over "
+        "the saved run's", "",
+        md_table(doc.get("pre_timing", []), PRE_COLS), "",
         "## Pooled epilogue: forward_pooled vs layer + .sum((2, 3)), same backend", "",
         md_table(doc.get("pooled_timing", []), POOLED_COLS), "",
         "## Per launch: measured (events around each launch, L2 cleared per call) vs the model", "",

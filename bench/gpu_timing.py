@@ -451,6 +451,39 @@ def time_rings(shape: LayerShape, batch: int, dtype: torch.dtype, ctx: Context) 
     return rows
 
 
+def time_pre(shape: LayerShape, batch: int, dtype: torch.dtype, ctx: Context) -> list:
+    """Forward+backward of the fused layer with the experts' pre-activations saved by the forward
+    (kernels/configs.SAVE_PRE, as shipped) and recomputed by the backward instead, on an NCHW and a
+    channels-last map: both clocks, peak memory, and the time over the saved run's.  The model says
+    saving wins by traffic (bench/results/model-2026-12-03-pre.md); this section measures it."""
+    from pmoe.kernels import configs
+
+    rows = []
+    saved = configs.SAVE_PRE
+    try:
+        for layout in ("nchw", "channels_last"):
+            torch.manual_seed(0)
+            layer = make_layer(shape, "triton", ctx.device, dtype)
+            randomize_router(layer)
+            x = _inputs(shape, batch, dtype, ctx.device, layout)
+            with torch.no_grad():
+                dy = torch.randn_like(layer(x))
+            for keep in (True, False):
+                configs.SAVE_PRE = keep
+                fn = pass_fns(layer, x, dy)["forward+backward"]
+                rows.append({"shape": shape.name, "batch": batch, "dtype": dname(dtype), "layout": layout,
+                             "pre": "saved" if keep else "recomputed", **both_clocks(fn, ctx.device),
+                             "peak_mb": peak_mb(fn, ctx.device, lambda: layer.zero_grad(set_to_none=True))})
+    finally:
+        configs.SAVE_PRE = saved
+    for row in rows:
+        ref = next(r for r in rows if r["pre"] == "saved" and r["layout"] == row["layout"])
+        for clock in ("events", "graph"):
+            a, b = row.get(f"{clock}_ms"), ref.get(f"{clock}_ms")
+            row[f"/saved {clock}"] = a / b if a and b else None
+    return rows
+
+
 def time_pooled(shape: LayerShape, batch: int, backend: str, dtype: torch.dtype, ctx: Context) -> list:
     """forward_pooled vs layer(x).sum((2, 3)) on one backend, forward and forward+backward
     (events clock), with the bytes the pooled epilogue does not move: the map written and read

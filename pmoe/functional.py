@@ -128,15 +128,16 @@ def _triton(x: torch.Tensor, router: torch.Tensor, weight: torch.Tensor, bias: O
             o: Options) -> tuple[torch.Tensor, Routing]:
     """The fused kernels (importing them imports triton): the custom op, its plain arguments
     unpacked from o, and whether to keep the pre-activations for a backward (only where autograd
-    will record the call).  Autocast does not reach inside the kernels: cast here, so that they always
+    will record the call; kernels.configs.SAVE_PRE).  Autocast does not reach inside the kernels: cast here, so that they always
     see one floating dtype (.to() is differentiable: gradients still reach fp32 parameters)."""
-    from pmoe.kernels import fused_fwd
+    from pmoe.kernels import configs, fused_fwd
 
     ac = autocast_dtype(x.device.type)
     if ac is not None:
         x, router, weight = x.to(ac), router.to(ac), weight.to(ac)
         bias = bias.to(ac) if bias is not None else None
-    save_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, router, weight, bias))
+    save_pre = configs.SAVE_PRE and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, router, weight, bias))
     y, idx, gates, *_ = fused_fwd(x, router, weight, bias, *o.op_args(), save_pre)
     return y, Routing(idx, gates.detach(), (x.shape[2] // o.p) * (x.shape[3] // o.p))
 

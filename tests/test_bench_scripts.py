@@ -124,6 +124,11 @@ def test_gpu_check_cpu_smoke_runs_the_kernels(tmp_path):
     assert all(r["events_ms"] > 0 and r["/shipped events"] > 0 for r in rings)
     assert "_forward_kernel" in rings[0]["ring_images"] and "_rows_bwd_kernel" in rings[1]["ring_images"]
     assert "## Rings" in md
+    pre = doc["pre_timing"]  # saved (as shipped), then recomputed, each layout
+    assert [(r["layout"], r["pre"]) for r in pre] == [("nchw", "saved"), ("nchw", "recomputed"),
+                                                      ("channels_last", "saved"), ("channels_last", "recomputed")]
+    assert all(r["events_ms"] > 0 and r["/saved events"] > 0 for r in pre)
+    assert "## Pre-activations" in md
 
 
 def test_gpu_check_cpu_smoke_every_section(tmp_path):
@@ -183,9 +188,8 @@ def _plan_compiles(*args) -> int:
 
 def test_gpu_check_plan_compiles_fit_the_machine():
     # a cold cache compiles each distinct kernel specialisation once, ~0.6 s each: the whole GPU
-    # run must stay well inside 8 minutes, so the plan compiles far fewer than 250 (the count is
-    # registry.launches': inference's and training's forward, the backward with and without saved
-    # pre-activations, so it is an upper bound)
+    # run must stay well inside 8 minutes, so the plan compiles far fewer than 250 (inference's and
+    # training's forward, the backward with saved pre-activations and, for the pre section, without)
     full, quick = _plan_compiles(), _plan_compiles("--quick", "--only", "wrn")
     assert 0 < quick < full <= 160, (quick, full)
 

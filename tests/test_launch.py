@@ -209,12 +209,14 @@ def test_backward_rejects_pre_activations_of_another_call():
                           "gelu")
 
 
-@pytest.mark.parametrize("grad", [False, True])
-def test_layer_saves_pre_activations_only_for_a_backward(monkeypatch, grad):
+@pytest.mark.parametrize("grad,keep", [(False, True), (True, True), (True, False)])
+def test_layer_saves_pre_activations_only_for_a_backward(monkeypatch, grad, keep):
     """pmoe.functional asks the op for the pre-activations only where autograd records the call
-    (grad mode on and an input that requires grad): inference writes no (k, B*l, m) buffer."""
+    (grad mode on and an input that requires grad): inference writes no (B, k, l, m) buffer.
+    configs.SAVE_PRE = False (bench/gpu_check.py's pre section) makes the backward recompute them."""
     import pmoe
 
+    monkeypatch.setattr(launch.configs, "SAVE_PRE", keep)
     seen = []
     monkeypatch.setattr(launch, "run", lambda kernel, grid, *a, **kw: (
         kernel is launch._forward_kernel and seen.append(kw["SAVE_PRE"])) or _RUN(kernel, grid, *a, **kw))
@@ -222,7 +224,7 @@ def test_layer_saves_pre_activations_only_for_a_backward(monkeypatch, grad):
     x = torch.randn(2, 3, 8, 8)
     with torch.set_grad_enabled(grad):
         y = layer(x)
-    assert seen == [grad]
+    assert seen == [grad and keep]
     if grad:
         y.sum().backward()
         assert layer.weight.grad is not None
