@@ -269,7 +269,8 @@ def _forward_kernel(x_ptr, rows_ptr, r_ptr, w_ptr, b_ptr, idx_ptr, gates_ptr, ga
     """The pMoE forward (module docstring).  rows: (ring*n, d) in x's dtype (SRC_ROWS); idx/gates
     (B, k, l), gates_out the gates again in x's dtype (Routing.gates); inv (B, k, n) int32; scores (B, k, n) fp32 (STORE_SCORES); lse (B, k) fp32;
     y: (B, n, out_cols) in x's dtype (concat) or fp32 zeros (sum), or pooled (B, out_cols) fp32
-    zeros.  Grid: FUSED groups*(GROUP + TILES); ROUTE B; EXPERTS groups*TILES."""
+    zeros; pre (B, k, l, m) in x's dtype (SAVE_PRE; OFF32: tile_offsets).  Grid: FUSED
+    groups*(GROUP + TILES); ROUTE B; EXPERTS groups*TILES."""
     if MODE == FWD_FUSED:
         ticket = take_ticket(sync_ptr)
         period = GROUP + TILES
