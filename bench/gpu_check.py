@@ -31,7 +31,7 @@ Sections, in order of value (a cut-off run keeps the first ones):
                none (copies of the whole batch; configs.RING_BYTES = 0), both passes and clocks.
   pre          forward+backward with the experts' pre-activations saved by the forward (as
                shipped) and recomputed by the backward (configs.SAVE_PRE = False), NCHW and
-               channels-last, both clocks and peak memory.
+               (but --quick) channels-last, both clocks and peak memory.
   pooled       forward_pooled vs layer + .sum((2, 3)).
   launches     each Triton launch timed alone beside the model's time for that launch.
   max_batch    the largest flagship training batch that fits (bounded search).
@@ -101,7 +101,7 @@ class Plan:
     variants: list = field(default_factory=list)   # (shape, dtype, variant)
     route: list = field(default_factory=list)      # (shape, dtype)
     rings: list = field(default_factory=list)      # (shape, dtype)
-    pre: list = field(default_factory=list)        # (shape, dtype)
+    pre: list = field(default_factory=list)        # (shape, dtype, layouts)
     pooled: list = field(default_factory=list)     # (shape, dtype)
     launches: list = field(default_factory=list)   # (shape, dtype)
     max_batch: Optional[dict] = None               # largest_batch's start, cap, seconds
@@ -156,7 +156,7 @@ def make_plan(args, kernels: bool) -> Plan:
     if kernels:
         plan.route = [(s, main_dtype) for s in shapes]
         plan.rings = [(s, main_dtype) for s in shapes]
-        plan.pre = [(s, main_dtype) for s in shapes]
+        plan.pre = [(s, main_dtype, ("nchw",) if args.quick else ("nchw", "channels_last")) for s in shapes]
         plan.launches = [(s, main_dtype) for s in shapes]
     if not args.quick:
         plan.pooled = [(s, main_dtype) for s in shapes]
@@ -226,6 +226,9 @@ def plan_problems(plan: Plan) -> dict:
     for shape, dtype in plan.route:
         add(shape, dtype, {"route": "split"})
         add(shape, dtype, {"route": "fused"} if _route_fits(shape) else {})
+    for shape, dtype, layouts in plan.pre:
+        for layout in layouts:
+            add(shape, dtype, {"layout": layout})
     for shape, dtype in plan.pooled:
         add(shape, dtype, {"pooled": True})
         add(shape, dtype, {})
@@ -410,8 +413,8 @@ def run_sections(run: Run, plan: Plan, device: torch.device, backend: str, ctx: 
         run.rows("ring_timing", plan.rings, pair_label,
                  lambda it: gt.time_rings(it[0], batch[it[0].name], it[1], ctx), _line_generic)
     with run.section("pre"):
-        run.rows("pre_timing", plan.pre, pair_label,
-                 lambda it: gt.time_pre(it[0], batch[it[0].name], it[1], ctx), _line_generic)
+        run.rows("pre_timing", plan.pre, lambda it: pair_label(it[:2]),
+                 lambda it: gt.time_pre(it[0], batch[it[0].name], it[1], ctx, it[2]), _line_generic)
     with run.section("pooled"):
         run.rows("pooled_timing", plan.pooled, pair_label,
                  lambda it: gt.time_pooled(it[0], batch[it[0].name], backend, it[1], ctx), _line_generic)

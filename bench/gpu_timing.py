@@ -451,17 +451,18 @@ def time_rings(shape: LayerShape, batch: int, dtype: torch.dtype, ctx: Context) 
     return rows
 
 
-def time_pre(shape: LayerShape, batch: int, dtype: torch.dtype, ctx: Context) -> list:
+def time_pre(shape: LayerShape, batch: int, dtype: torch.dtype, ctx: Context,
+             layouts: tuple = ("nchw", "channels_last")) -> list:
     """Forward+backward of the fused layer with the experts' pre-activations saved by the forward
-    (kernels/configs.SAVE_PRE, as shipped) and recomputed by the backward instead, on an NCHW and a
-    channels-last map: both clocks, peak memory, and the time over the saved run's.  The model says
+    (kernels/configs.SAVE_PRE, as shipped) and recomputed by the backward instead, on each of
+    `layouts` (NCHW, channels-last): both clocks, peak memory, and the time over the saved run's.  The model says
     saving wins by traffic (bench/results/model-2026-12-03-pre.md); this section measures it."""
     from pmoe.kernels import configs
 
     rows = []
     saved = configs.SAVE_PRE
     try:
-        for layout in ("nchw", "channels_last"):
+        for layout in layouts:
             torch.manual_seed(0)
             layer = make_layer(shape, "triton", ctx.device, dtype)
             randomize_router(layer)

@@ -124,9 +124,8 @@ def test_gpu_check_cpu_smoke_runs_the_kernels(tmp_path):
     assert all(r["events_ms"] > 0 and r["/shipped events"] > 0 for r in rings)
     assert "_forward_kernel" in rings[0]["ring_images"] and "_rows_bwd_kernel" in rings[1]["ring_images"]
     assert "## Rings" in md
-    pre = doc["pre_timing"]  # saved (as shipped), then recomputed, each layout
-    assert [(r["layout"], r["pre"]) for r in pre] == [("nchw", "saved"), ("nchw", "recomputed"),
-                                                      ("channels_last", "saved"), ("channels_last", "recomputed")]
+    pre = doc["pre_timing"]  # saved (as shipped), then recomputed; --quick: NCHW only
+    assert [(r["layout"], r["pre"]) for r in pre] == [("nchw", "saved"), ("nchw", "recomputed")]
     assert all(r["events_ms"] > 0 and r["/saved events"] > 0 for r in pre)
     assert "## Pre-activations" in md
 

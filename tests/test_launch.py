@@ -163,19 +163,19 @@ def test_layer_with_torch_selection_matches_kernel_selection(monkeypatch, combin
 _select_torch = launch.select_torch
 
 
-@pytest.mark.parametrize("combine,gate,pooled,channels_last,m,l", [
-    ("concat", "softmax", False, False, 4, 8),      # NCHW rows, dS fused, dX in the first launch
-    ("concat", "softmax_all", False, True, 4, 8),   # channels-last map, dense score gradient
-    ("sum", "softmax", True, False, 4, 8),          # pooled sum (deterministic: experts in order)
-    ("concat", "indicator", False, False, 80, 8),   # m beyond one column pass: dPre read back
-    ("concat", "softmax", False, False, 4, 40),     # l beyond a tile: chunks, dS by the gate kernel
+@pytest.mark.parametrize("combine,gate,pooled,channels_last,m,l,side", [
+    ("concat", "softmax", False, False, 4, 8, 8),      # NCHW rows, dS fused, dX in the first launch
+    ("concat", "softmax_all", False, True, 4, 8, 8),   # channels-last map, dense score gradient
+    ("sum", "softmax", True, False, 4, 8, 8),          # pooled sum (deterministic: experts in order)
+    ("concat", "indicator", False, False, 80, 4, 8),   # m beyond one column pass: dPre read back
+    ("concat", "softmax", False, False, 4, 40, 16),    # l beyond a tile: chunks, dS by the gate kernel
 ])
-def test_saved_pre_activations_match_recompute(combine, gate, pooled, channels_last, m, l):
+def test_saved_pre_activations_match_recompute(combine, gate, pooled, channels_last, m, l, side):
     """save_pre: the forward's tiles store the pre-activations they hold and the backward reads
     them; without it the backward re-gathers the rows and re-runs the GEMM.  Both give the same
     gradients (fp32: the same dot products, so to rounding), and the same outputs and routing."""
     torch.manual_seed(0)
-    x = torch.randn(5, 3, 16, 16)  # p = 2: n = 64, d = 12
+    x = torch.randn(3, 3, side, side)  # p = 2: n = 16 or 64, d = 12
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     router, weight, bias = params(3, 2, 2, m, bias=True, flat=True)
@@ -183,7 +183,7 @@ def test_saved_pre_activations_match_recompute(combine, gate, pooled, channels_l
     for save_pre in (True, False):
         leaves = [t.detach().clone().requires_grad_() for t in (x, router, weight, bias)]
         out = kop.fused_fwd(*leaves, 2, l, combine, gate, "gelu", True, pooled, save_pre)
-        assert out[7].shape == ((5, 2, l, m) if save_pre else (0,))
+        assert out[7].shape == ((3, 2, l, m) if save_pre else (0,))
         g = torch.randn(out[0].shape, generator=torch.Generator().manual_seed(1))
         runs.append((out[:3], torch.autograd.grad((out[0] * g).sum(), leaves, allow_unused=True)))
     (fwd_a, grads_a), (fwd_b, grads_b) = runs
