@@ -267,6 +267,18 @@ def _inputs(shape: LayerShape, batch: int, dtype, device, layout: str):
     return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
 
 
+def _fused_layer(shape: LayerShape, batch: int, dtype, ctx: "Context", layout: str):
+    """(layer, x, dy): the seeded fused layer with a randomized router, an input in `layout` and a
+    gradient of its output's shape, as the fused-only sections time it."""
+    torch.manual_seed(0)
+    layer = make_layer(shape, "triton", ctx.device, dtype)
+    randomize_router(layer)
+    x = _inputs(shape, batch, dtype, ctx.device, layout)
+    with torch.no_grad():
+        dy = torch.randn_like(layer(x))
+    return layer, x, dy
+
+
 def pass_fns(layer, x: torch.Tensor, dy: torch.Tensor, call: Optional[Callable] = None) -> dict:
     """{"forward": no_grad call, "forward+backward": call + backward(dy) from fresh grads}."""
     call = call or layer
@@ -425,12 +437,7 @@ def time_rings(shape: LayerShape, batch: int, dtype: torch.dtype, ctx: Context) 
     beats a copy of the batch, and which size does best, is this section's question."""
     from pmoe.kernels import configs
 
-    torch.manual_seed(0)
-    layer = make_layer(shape, "triton", ctx.device, dtype)
-    randomize_router(layer)
-    x = _inputs(shape, batch, dtype, ctx.device, "nchw")
-    with torch.no_grad():
-        dy = torch.randn_like(layer(x))
+    layer, x, dy = _fused_layer(shape, batch, dtype, ctx, "nchw")
     saved, rows = configs.RING_BYTES, []
     try:
         for mb in RING_SWEEP_MB:
@@ -455,20 +462,16 @@ def time_pre(shape: LayerShape, batch: int, dtype: torch.dtype, ctx: Context,
              layouts: tuple = ("nchw", "channels_last")) -> list:
     """Forward+backward of the fused layer with the experts' pre-activations saved by the forward
     (kernels/configs.SAVE_PRE, as shipped) and recomputed by the backward instead, on each of
-    `layouts` (NCHW, channels-last): both clocks, peak memory, and the time over the saved run's.  The model says
-    saving wins by traffic (bench/results/model-2026-12-03-pre.md); this section measures it."""
+    `layouts` (NCHW, channels-last): both clocks, peak memory, and the time over the saved run's.
+    The model says saving wins by traffic (bench/results/model-2026-12-03-pre.md); this section
+    measures it."""
     from pmoe.kernels import configs
 
     rows = []
     saved = configs.SAVE_PRE
     try:
         for layout in layouts:
-            torch.manual_seed(0)
-            layer = make_layer(shape, "triton", ctx.device, dtype)
-            randomize_router(layer)
-            x = _inputs(shape, batch, dtype, ctx.device, layout)
-            with torch.no_grad():
-                dy = torch.randn_like(layer(x))
+            layer, x, dy = _fused_layer(shape, batch, dtype, ctx, layout)
             for keep in (True, False):
                 configs.SAVE_PRE = keep
                 fn = pass_fns(layer, x, dy)["forward+backward"]
@@ -571,12 +574,7 @@ def time_launches(shape: LayerShape, batch: int, dtype: torch.dtype, ctx: Contex
     beside the model's time for the same launch when the model report traced the same launch
     sequence; the torch ops between launches are not timed here (the pass's events_ms has them)."""
     reps = reps or (10 if ctx.device.type == "cuda" else 2)
-    torch.manual_seed(0)
-    layer = make_layer(shape, "triton", ctx.device, dtype)
-    randomize_router(layer)
-    x = _inputs(shape, batch, dtype, ctx.device, layout)
-    with torch.no_grad():
-        dy = torch.randn_like(layer(x))
+    layer, x, dy = _fused_layer(shape, batch, dtype, ctx, layout)
     rows = []
     for pass_name, fn in pass_fns(layer, x, dy).items():
         fn()  # compiled and warm

@@ -150,7 +150,7 @@ def _ring_bytes_from_env() -> int:
 # Whether the layer keeps its experts' pre-activations for the backward (pmoe.functional passes
 # save_pre to the op where autograd records the call): the backward's tiles then read them instead
 # of re-gathering their rows and re-running the GEMM, which reads each expert's weights again.
-# The traffic model says so (10.5 MB saved against 73 MB at WRN-pMoE); bench/gpu_check.py's pre
+# The traffic model says so (10.5 MB read and written, 73 MB less L2 traffic at WRN-pMoE); gpu_check's pre
 # section times both ways on a GPU by setting this to False.
 SAVE_PRE = True
 
