@@ -29,7 +29,7 @@ setup(
         "triton": ["triton>=3.6,<3.10"],
         # torchvision is only an optional convenience; mnist-patch/cifar10 read the files directly.
         "vision": ["torchvision"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis"],
         "bench": ["pytest", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["pmoe=pmoe.cli:main"]},
